@@ -1,0 +1,312 @@
+"""TARFlow: autoregressive affine flow blocks, their exact inverses, and a stack with a Gaussian prior.
+
+Shapes: a clip of token grids is x (B, T, N, D): B samples, T frames, N tokens per frame, D
+channels per token. A block is a causal transformer over the frames' tokens, each frame preceded
+by a start token (learned, plus the frame's condition embedding: the action taken before it):
+
+    sequence = [start_0, x_0,0 .. x_0,N-1, start_1, x_1,0 .. x_1,N-1, ...]
+
+The output at each position gives the affine map of the *next* data token, so
+
+    z_t,i = (x_t,i - mu(x_<t,i)) / s(x_<t,i),      log|det J| = -sum log s
+
+and the output at a frame's last token is that frame's hidden state (read by reward heads).
+A `local` block folds frames into the batch (attention within each frame only); a non-local
+block is causal over the whole clip. Inversion runs token by token (`inverse_sequential`) or as a
+per-frame parallel fixed point (`jacobi_invert`, exact after at most N iterations).
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .transformer import CausalTransformer, KVCache
+
+ORDERS = ("raster", "reverse", "reverse_within_frame")
+SOFTPLUS_ONE = 0.5413  # softplus(0.5413) == 1: with a zero-initialised head every block starts as the identity
+
+
+def soft_clip(x: torch.Tensor, bound: float = 4.0) -> torch.Tensor:
+    return bound * torch.tanh(x / bound)
+
+
+def check_tokens(x, token_dim: int, name: str = "x") -> None:
+    """Raise a ValueError naming what is wrong with a (B, T, N, token_dim) float32 tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.float32:
+        raise ValueError(f"{name} must be float32, got {x.dtype}")
+    if x.ndim != 4 or x.shape[-1] != token_dim or 0 in x.shape:
+        raise ValueError(f"{name} must have shape (batch, frames, tokens, {token_dim}), got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def guided_affine(mu_c, s_c, mu_u, s_u, w: float):
+    """Classifier-free guidance as the Gaussian product p_c^(1+w) / p_u^w of each token's conditional.
+
+    r clips the unconditional precision so the product's variance stays positive.
+    """
+    r = torch.clamp(s_c / s_u, max=1.0) ** 2
+    denom = 1 + w - w * r
+    return ((1 + w) * mu_c - w * r * mu_u) / denom, s_c / denom.sqrt()
+
+
+def add_noise(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Noise augmentation: the flow models x + sigma * eps, which keeps its density smooth."""
+    if sigma == 0:
+        return x
+    return x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+class TARFlowBlock(nn.Module):
+    def __init__(self, token_dim: int, width: int, depth: int, heads: int,
+                 order: str = "raster", local: bool = False, num_classes: int = 0):
+        super().__init__()
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        self.token_dim, self.order, self.local, self.num_classes = token_dim, order, local, num_classes
+        self.proj_in = nn.Linear(token_dim, width)
+        self.start = nn.Parameter(torch.randn(width) * 0.02)
+        # one row per class plus a learned null row (index num_classes) for dropout / guidance
+        self.cond_embed = nn.Embedding(num_classes + 1, width) if num_classes else None
+        self.transformer = CausalTransformer(width, depth, heads)
+        self.head = nn.Linear(width, 2 * token_dim)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    # ---- orders, start tokens, the affine map -------------------------------------------------
+    def _permute(self, x):
+        """Token order this block reads in; every order is its own inverse. x (B, T, N, ...)."""
+        if self.order == "reverse_within_frame":
+            return x.flip(2)
+        if self.order == "reverse":  # the whole sequence: frames reversed and tokens within them
+            return x.flip(1).flip(2)
+        return x
+
+    def _start_tokens(self, cond, B: int, T: int) -> torch.Tensor:
+        """(B, T, width): the learned start token, plus each frame's condition embedding."""
+        start = self.start.expand(B, T, -1)
+        if self.cond_embed is None:
+            return start
+        if cond is None:
+            cond = torch.full((B, T), self.num_classes, dtype=torch.long, device=start.device)
+        if self.order == "reverse":
+            cond = cond.flip(1)
+        return start + self.cond_embed(cond)
+
+    def _affine(self, h: torch.Tensor):
+        """Transformer output -> (mu, s) in float32, both soft-clipped so no step can explode."""
+        a, mu = self.head(h).float().chunk(2, dim=-1)
+        return soft_clip(mu), F.softplus(soft_clip(a) + SOFTPLUS_ONE)
+
+    def _check_cond(self, cond, B: int, T: int, name: str = "cond") -> None:
+        if cond is None:
+            return
+        if self.cond_embed is None:
+            raise ValueError(f"{name} given to a block built without conditioning (num_classes=0)")
+        if not isinstance(cond, torch.Tensor) or cond.dtype != torch.long:
+            raise ValueError(f"{name} must be a torch.long tensor of class/action ids, got "
+                             f"{cond.dtype if isinstance(cond, torch.Tensor) else type(cond).__name__}")
+        if tuple(cond.shape) != (B, T):
+            raise ValueError(f"{name} must have shape (batch, frames) = ({B}, {T}), got {tuple(cond.shape)}")
+        if cond.numel() and (cond.min() < 0 or cond.max() > self.num_classes):
+            raise ValueError(f"{name} ids must lie in [0, {self.num_classes}] ({self.num_classes} = null), "
+                             f"got range [{int(cond.min())}, {int(cond.max())}]")
+
+    def _fold(self, x, cond):
+        """Local blocks see each frame alone: (B, T, N, D) -> (B*T, 1, N, D)."""
+        B, T = x.shape[:2]
+        x = x.reshape(B * T, 1, *x.shape[2:])
+        return x, None if cond is None else cond.reshape(B * T, 1)
+
+    # ---- data -> noise ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, return_hidden: bool = False):
+        """x (B, T, N, D) -> z (B, T, N, D), logdet (B,) [, hidden (B, T, width) after each frame]."""
+        check_tokens(x, self.token_dim)
+        B, T, N, D = x.shape
+        self._check_cond(cond, B, T)
+        if self.local:
+            x, cond = self._fold(x, cond)
+        xp = self._permute(x)
+        b, t = xp.shape[:2]
+        tokens = torch.cat([self._start_tokens(cond, b, t)[:, :, None], self.proj_in(xp)], dim=2)  # (b, t, N+1, W)
+        h = self.transformer(tokens.flatten(1, 2)).view(b, t, N + 1, -1)
+        mu, s = self._affine(h[:, :, :N])
+        z = self._permute((xp.float() - mu) / s).reshape(B, T, N, D)
+        logdet = -s.log().reshape(B, -1).sum(dim=1)
+        if not return_hidden:
+            return z, logdet
+        if self.local or self.order == "reverse":
+            raise ValueError("per-frame hidden states exist only for non-local blocks in frame order")
+        return z, logdet, h[:, :, N]
+
+    # ---- noise -> data ---------------------------------------------------------------------------
+    def _affine_step(self, h, z, guidance):
+        """x = mu + s * z for one token or chunk; with guidance the batch holds [cond; uncond] rows."""
+        mu, s = self._affine(h)
+        if guidance is not None:
+            (mu_c, mu_u), (s_c, s_u) = mu.chunk(2), s.chunk(2)
+            mu, s = guided_affine(mu_c, s_c, mu_u, s_u, guidance)
+        return mu + s * z
+
+    def _embed(self, x, guidance):
+        x = self.proj_in(x)
+        return x if guidance is None else torch.cat([x, x])  # the guided token goes into both branches
+
+    def _solve_frame(self, z, start, cache: KVCache, method: str, init, guidance, tol: float, max_iters):
+        """Invert one frame in this block's token order, given everything before it in `cache`.
+
+        z (B, N, D); start (B or 2B, W). Appends the frame's N+1 tokens to the cache.
+        Returns x (B, N, D), the hidden state after the frame (B, W), iterations used.
+        """
+        B, N, _ = z.shape
+        if method == "sequential":
+            token, xs = start[:, None], []
+            for i in range(N):
+                h = self.transformer(token, cache)
+                xs.append(self._affine_step(h[:, 0], z[:, i], guidance))
+                token = self._embed(xs[-1], guidance)[:, None]
+            x, iters = torch.stack(xs, dim=1), N
+            h_last = self.transformer(token, cache)[:, 0]  # the last token too, so later frames see it
+        elif method == "jacobi":
+            # All N tokens in parallel: x <- mu(x) + s(x) * z. After k sweeps the first k tokens are
+            # exact (causality), so N sweeps always suffice; usually far fewer meet the tolerance.
+            past, x = cache.length, (z if init is None else init)
+            max_iters = N if max_iters is None else min(max_iters, N)
+            for iters in range(1, max_iters + 1):
+                tokens = torch.cat([start[:, None], self._embed(x[:, :-1], guidance)], dim=1)
+                h = self.transformer(tokens, cache)
+                cache.rewind(past)
+                x_new = self._affine_step(h, z, guidance)
+                change = (x_new - x).pow(2).mean() / x_new.pow(2).mean().clamp_min(1e-12)
+                x = x_new
+                if change < tol:
+                    break
+            # commit the solved frame so the cache holds exactly what a forward pass would have
+            tokens = torch.cat([start[:, None], self._embed(x, guidance)], dim=1)
+            h_last = self.transformer(tokens, cache)[:, -1]
+        else:
+            raise ValueError(f"method must be 'jacobi' or 'sequential', got {method!r}")
+        return x, h_last[:B], iters
+
+    def _check_inverse_args(self, z, cond, guidance):
+        check_tokens(z, self.token_dim, "z")
+        self._check_cond(cond, z.shape[0], z.shape[1])
+        if guidance is not None and self.cond_embed is None:
+            raise ValueError("guidance needs a conditioned block (num_classes > 0)")
+
+    def inverse(self, z: torch.Tensor, cond: torch.Tensor | None = None, method: str = "jacobi",
+                guidance: float | None = None, init: torch.Tensor | None = None,
+                tol: float = 1e-3, max_iters: int | None = None):
+        """z (B, T, N, D) -> x (B, T, N, D), iterations used per frame (list of T ints).
+
+        Frames are solved in order (causal in time). Jacobi starts frame 0 from `init` (B, N, D)
+        (default: z itself, the identity's answer) and each later frame from the previous frame's
+        solution: the video-aware warm start. `guidance` w mixes in the null condition.
+        """
+        self._check_inverse_args(z, cond, guidance)
+        B, T, N, D = z.shape
+        if self.local:  # frames are independent: solve them all as one batch
+            z, cond = self._fold(z, cond)
+            if init is not None:
+                init = init[:, None].expand(B, T, N, D).reshape(B * T, N, D)
+        zp = self._permute(z)
+        b, t = zp.shape[:2]
+        start = self._start_tokens(cond, b, t)
+        if guidance is not None:
+            start = torch.cat([start, self._start_tokens(None, b, t)])
+        cache = self.transformer.new_cache()
+        guess = None if init is None else self._permute(init[:, None])[:, 0]
+        xs, iters = [], []
+        for i in range(t):
+            x, _, n = self._solve_frame(zp[:, i], start[:, i], cache, method, guess, guidance, tol, max_iters)
+            xs.append(x)
+            iters.append(n)
+            guess = x
+        x = self._permute(torch.stack(xs, dim=1)).reshape(B, T, N, D)
+        return x, (iters * T if self.local else iters)
+
+    def inverse_sequential(self, z, cond=None, guidance=None):
+        """Reference inverse: one token at a time through the KV cache."""
+        return self.inverse(z, cond, method="sequential", guidance=guidance)[0]
+
+    def jacobi_invert(self, z, cond=None, guidance=None, init=None, tol=1e-3, max_iters=None):
+        """Parallel inverse: each frame's tokens solved together as a fixed point."""
+        return self.inverse(z, cond, "jacobi", guidance, init, tol, max_iters)
+
+    def invert_frame(self, z: torch.Tensor, cache: KVCache, cond: torch.Tensor | None = None,
+                     method: str = "jacobi", guidance: float | None = None, init: torch.Tensor | None = None,
+                     tol: float = 1e-3, max_iters: int | None = None):
+        """Stream one new frame: z (B, N, D) and its condition (B,) given the earlier frames in `cache`.
+
+        Appends the frame to the cache (with guidance the cache holds 2B rows: [cond; null]).
+        Returns x (B, N, D), the hidden state after the frame (B, width), iterations used.
+        """
+        if self.local or self.order == "reverse":
+            raise ValueError("invert_frame streams frames through a non-local block in frame order")
+        self._check_inverse_args(z[:, None], None if cond is None else cond[:, None], guidance)
+        start = self._start_tokens(None if cond is None else cond[:, None], z.shape[0], 1)[:, 0]
+        if guidance is not None:
+            start = torch.cat([start, self._start_tokens(None, z.shape[0], 1)[:, 0]])
+        flip = self.order == "reverse_within_frame"
+        z, init = (z.flip(1), None if init is None else init.flip(1)) if flip else (z, init)
+        x, hidden, iters = self._solve_frame(z, start, cache, method, init, guidance, tol, max_iters)
+        return (x.flip(1) if flip else x), hidden, iters
+
+
+class TARFlow(nn.Module):
+    """A stack of TARFlow blocks on the data -> noise path, with a standard Gaussian prior."""
+
+    def __init__(self, blocks: list[TARFlowBlock]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    @classmethod
+    def alternating(cls, token_dim: int, n_blocks: int, width: int, depth: int, heads: int,
+                    num_classes: int = 0, video: bool = False) -> "TARFlow":
+        """Blocks alternating raster / reversed order (within each frame if `video`, keeping time causal)."""
+        flip = "reverse_within_frame" if video else "reverse"
+        return cls([TARFlowBlock(token_dim, width, depth, heads, order=("raster", flip)[i % 2], num_classes=num_classes)
+                    for i in range(n_blocks)])
+
+    def _cond_for(self, block, cond):
+        return cond if block.cond_embed is not None else None
+
+    def forward(self, x, cond=None):
+        """x (B, T, N, D) -> z, summed logdet (B,)."""
+        logdet = 0.0
+        for block in self.blocks:
+            x, ld = block(x, self._cond_for(block, cond))
+            logdet = logdet + ld
+        return x, logdet
+
+    def log_prob(self, x, cond=None) -> torch.Tensor:
+        """Exact log-density in nats per sample, (B,)."""
+        z, logdet = self(x, cond)
+        prior = -0.5 * (z.pow(2) + math.log(2 * math.pi)).reshape(z.shape[0], -1).sum(dim=1)
+        return prior + logdet
+
+    def bits_per_dim(self, x, cond=None) -> torch.Tensor:
+        return -self.log_prob(x, cond) / (x[0].numel() * math.log(2))
+
+    def loss(self, x, cond=None) -> torch.Tensor:
+        """Training objective: 0.5 mean(z^2) - mean logdet per dimension (NLL per dim minus a constant)."""
+        z, logdet = self(x, cond)
+        return 0.5 * z.pow(2).mean() - logdet.mean() / x[0].numel()
+
+    def inverse(self, z, cond=None, method="jacobi", guidance=None, tol=1e-3, max_iters=None):
+        """z -> x through the blocks in reverse; returns x and the Jacobi iterations per block."""
+        iters = []
+        for block in reversed(self.blocks):
+            g = guidance if block.cond_embed is not None else None
+            z, n = block.inverse(z, self._cond_for(block, cond), method, g, tol=tol, max_iters=max_iters)
+            iters.append(n)
+        return z, iters
+
+    @torch.no_grad()
+    def sample(self, shape, cond=None, temperature: float = 1.0, generator=None, **kwargs):
+        z = temperature * torch.randn(shape, generator=generator)
+        return self.inverse(z, cond, **kwargs)[0]

@@ -77,7 +77,7 @@ def main():
             for batch in (1, 64):
                 z = torch.randn(batch, 1, n, args.token_dim, generator=g)
                 t_seq, x_seq = timed(lambda: block.inverse_sequential(z), args.repeats)
-                t_jac, (x_jac, iters) = timed(lambda: block.jacobi_invert(z, tol=args.tol), args.repeats)
+                t_jac, (x_jac, iters, _, _) = timed(lambda: block.jacobi_invert(z, tol=args.tol), args.repeats)
                 row = dict(tokens=n, batch=batch, sequential_ms=1e3 * t_seq, jacobi_ms=1e3 * t_jac,
                            jacobi_iterations=iters[0], speedup=t_seq / t_jac,
                            max_abs_diff=(x_jac - x_seq).abs().max().item())

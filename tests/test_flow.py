@@ -33,8 +33,8 @@ def test_inverse_of_forward_is_identity(order, local):
     z, _ = block(x, cond)
     assert (z - x).abs().max() > 0.1  # the map is not the identity
     assert (block.inverse_sequential(z, cond) - x).abs().max() < 1e-4
-    xj, _ = block.jacobi_invert(z, cond, tol=1e-9)
-    assert (xj - x).abs().max() < 1e-4
+    xj = block.jacobi_invert(z, cond, tol=1e-9)
+    assert (xj.x - x).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("order,local", ORDERS)
@@ -52,8 +52,9 @@ def test_jacobi_matches_sequential_within_n_iterations(order):
     block, N = random_block(order), 8
     z, cond = torch.randn(3, 4, N, 3), torch.randint(0, 3, (3, 4))
     x_seq = block.inverse_sequential(z, cond)
-    x_jac, iters = block.jacobi_invert(z, cond, tol=1e-10)
+    x_jac, iters, logdet, _ = block.jacobi_invert(z, cond, tol=1e-10)
     assert (x_jac - x_seq).abs().max() < 1e-4
+    assert torch.allclose(logdet, block(x_seq, cond)[1], atol=1e-3)  # the inverse reports the forward's log-det
     assert len(iters) == 4 and all(1 <= n <= N for n in iters)
 
 
@@ -64,12 +65,21 @@ def test_streaming_frames_through_a_cache_matches_the_whole_clip_inverse():
     x_ref = block.inverse_sequential(z, cond)
     cache, prev, hiddens = block.transformer.new_cache(), None, []
     for t in range(5):
-        x_t, h_t, _ = block.invert_frame(z[:, t], cache, cond[:, t], init=prev, tol=1e-10)
+        x_t, _, _, h_t = block.invert_frame(z[:, t], cache, cond[:, t], init=prev, tol=1e-10)
         assert (x_t - x_ref[:, t]).abs().max() < 1e-4
         prev = x_t
         hiddens.append(h_t)
-    _, _, hidden = block(x_ref, cond, return_hidden=True)
+    z_ref, logdet_ref, hidden = block(x_ref, cond, return_hidden=True)
     assert torch.allclose(torch.stack(hiddens, 1), hidden, atol=1e-4)
+    # and data -> noise one frame at a time through a cache matches the whole-clip forward
+    cache, logdet = block.transformer.new_cache(), 0
+    for t in range(5):
+        z_t, ld, h_t = block.forward_frame(x_ref[:, t], cache, cond[:, t])
+        assert torch.allclose(z_t, z_ref[:, t], atol=1e-4) and torch.allclose(h_t, hidden[:, t], atol=1e-4)
+        logdet = logdet + ld
+    assert torch.allclose(logdet, logdet_ref, atol=1e-3)
+    block.forward_frame(x_ref[:, 0], cache, cond[:, 0], commit=False)
+    assert cache.length == 5 * (4 + 1)
 
 
 @torch.no_grad()
@@ -79,9 +89,9 @@ def test_guidance_zero_is_the_conditional_inverse_and_positive_guidance_changes_
     z, cond = torch.randn(2, 2, 5, 3), torch.randint(0, 3, (2, 2))
     x_cond = block.inverse_sequential(z, cond)
     for method in ("sequential", "jacobi"):
-        x_w0, _ = block.inverse(z, cond, method=method, guidance=0.0, tol=1e-10)
+        x_w0 = block.inverse(z, cond, method=method, guidance=0.0, tol=1e-10).x
         assert (x_w0 - x_cond).abs().max() < 1e-4
-        x_w2, _ = block.inverse(z, cond, method=method, guidance=2.0, tol=1e-10)
+        x_w2 = block.inverse(z, cond, method=method, guidance=2.0, tol=1e-10).x
         assert torch.isfinite(x_w2).all() and (x_w2 - x_cond).abs().max() > 1e-2
     x_w2_seq = block.inverse(z, cond, method="sequential", guidance=2.0)[0]
     x_w2_jac = block.inverse(z, cond, method="jacobi", guidance=2.0, tol=1e-10)[0]

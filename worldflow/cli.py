@@ -9,11 +9,44 @@ import sys
 from . import __version__
 
 
+def run_collect(args) -> None:
+    from .collect import collect
+
+    manifest = collect(args.env, args.steps, args.out, size=args.size, seed=args.seed, workers=args.workers,
+                       ray_address=args.ray_address)
+    print(f"{args.out}: {args.env}, {manifest['num_actions']} actions {manifest['action_meanings']}")
+
+
+def run_train(args) -> None:
+    from .config import load_config
+    from .train import train
+
+    checkpoint = train(load_config(args.config), args.data, args.out)
+    print(f"checkpoint: {checkpoint}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="worldflow", description="WorldFlow: a learned simulator "
                                      "built on autoregressive normalizing flows.")
     parser.add_argument("--version", action="version", version=f"worldflow {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("collect", help="record real episodes into atomic shards (resumes if OUT exists)")
+    p.add_argument("--env", required=True, help="Gymnasium pixel env id, e.g. ALE/Breakout-v5")
+    p.add_argument("--steps", type=int, required=True, help="environment steps in total")
+    p.add_argument("--out", required=True, help="dataset directory")
+    p.add_argument("--workers", type=int, default=0, help="Ray workers (0: in this process)")
+    p.add_argument("--policy", choices=["random"], default="random", help="behaviour policy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=64, help="frames are resized to SIZE x SIZE RGB")
+    p.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
+    p.set_defaults(handler=run_collect)
+
+    p = sub.add_parser("train", help="train a world model (resumes if OUT exists)")
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/breakout.yaml")
+    p.add_argument("--data", required=True, help="dataset directory from `worldflow collect`")
+    p.add_argument("--out", required=True, help="run directory")
+    p.set_defaults(handler=run_train)
     return parser
 
 
@@ -23,7 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.handler(args) or 0
+    try:
+        return args.handler(args) or 0
+    except (ValueError, FileNotFoundError) as e:  # bad input: say what, not where in torch
+        print(f"worldflow {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"worldflow {args.command}: interrupted; what was written is complete, rerun to resume",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

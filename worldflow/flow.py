@@ -17,6 +17,7 @@ per-frame parallel fixed point (`jacobi_invert`, exact after at most N iteration
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -26,6 +27,15 @@ from .transformer import CausalTransformer, KVCache
 
 ORDERS = ("raster", "reverse", "reverse_within_frame")
 SOFTPLUS_ONE = 0.5413  # softplus(0.5413) == 1: with a zero-initialised head every block starts as the identity
+
+
+class Inversion(NamedTuple):
+    """What an inverse returns: x, Jacobi sweeps used (per frame for a clip, an int for one frame),
+    the log-determinant of the forward map at x (B,), and the hidden state after the last frame."""
+    x: torch.Tensor
+    iterations: list[int] | int
+    logdet: torch.Tensor
+    hidden: torch.Tensor | None = None
 
 
 def soft_clip(x: torch.Tensor, bound: float = 4.0) -> torch.Tensor:
@@ -97,6 +107,11 @@ class TARFlowBlock(nn.Module):
             cond = cond.flip(1)
         return start + self.cond_embed(cond)
 
+    def _to_noise(self, xp, h):
+        """z = (x - mu) / s from the transformer outputs h (..., N+1, W); logdet summed over tokens (...)."""
+        mu, s = self._affine(h[..., :-1, :])
+        return (xp.float() - mu) / s, -s.log().flatten(-2).sum(-1)
+
     def _affine(self, h: torch.Tensor):
         """Transformer output -> (mu, s) in float32, both soft-clipped so no step can explode."""
         a, mu = self.head(h).float().chunk(2, dim=-1)
@@ -134,14 +149,33 @@ class TARFlowBlock(nn.Module):
         b, t = xp.shape[:2]
         tokens = torch.cat([self._start_tokens(cond, b, t)[:, :, None], self.proj_in(xp)], dim=2)  # (b, t, N+1, W)
         h = self.transformer(tokens.flatten(1, 2)).view(b, t, N + 1, -1)
-        mu, s = self._affine(h[:, :, :N])
-        z = self._permute((xp.float() - mu) / s).reshape(B, T, N, D)
-        logdet = -s.log().reshape(B, -1).sum(dim=1)
+        zp, logdet = self._to_noise(xp, h)
+        z = self._permute(zp).reshape(B, T, N, D)
+        logdet = logdet.reshape(B, -1).sum(dim=1)
         if not return_hidden:
             return z, logdet
         if self.local or self.order == "reverse":
             raise ValueError("per-frame hidden states exist only for non-local blocks in frame order")
         return z, logdet, h[:, :, N]
+
+    def forward_frame(self, x: torch.Tensor, cache: KVCache, cond: torch.Tensor | None = None, commit: bool = True):
+        """Data -> noise for one frame x (B, N, D) that follows the frames in `cache`.
+
+        Returns z (B, N, D), logdet (B,), hidden after the frame (B, width). With commit=False the
+        cache is left as it was (e.g. to score a candidate frame, or differentiate through it).
+        """
+        if self.local or self.order == "reverse":
+            raise ValueError("forward_frame streams frames through a non-local block in frame order")
+        check_tokens(x[:, None], self.token_dim)
+        self._check_cond(None if cond is None else cond[:, None], x.shape[0], 1)
+        xp = x.flip(1) if self.order == "reverse_within_frame" else x
+        past = cache.length
+        start = self._start_tokens(None if cond is None else cond[:, None], x.shape[0], 1)
+        h = self.transformer(torch.cat([start, self.proj_in(xp)], dim=1), cache)
+        if not commit:
+            cache.rewind(past)
+        zp, logdet = self._to_noise(xp, h)
+        return (zp.flip(1) if self.order == "reverse_within_frame" else zp), logdet, h[:, -1]
 
     # ---- noise -> data ---------------------------------------------------------------------------
     def _affine_step(self, h, z, guidance):
@@ -160,17 +194,17 @@ class TARFlowBlock(nn.Module):
         """Invert one frame in this block's token order, given everything before it in `cache`.
 
         z (B, N, D); start (B or 2B, W). Appends the frame's N+1 tokens to the cache.
-        Returns x (B, N, D), the hidden state after the frame (B, W), iterations used.
+        Returns x (B, N, D), the hidden state after the frame (B, W), iterations used, logdet (B,).
         """
         B, N, _ = z.shape
         if method == "sequential":
-            token, xs = start[:, None], []
+            token, xs, hs = start[:, None], [], []
             for i in range(N):
-                h = self.transformer(token, cache)
-                xs.append(self._affine_step(h[:, 0], z[:, i], guidance))
+                hs.append(self.transformer(token, cache)[:, 0])
+                xs.append(self._affine_step(hs[-1], z[:, i], guidance))
                 token = self._embed(xs[-1], guidance)[:, None]
-            x, iters = torch.stack(xs, dim=1), N
-            h_last = self.transformer(token, cache)[:, 0]  # the last token too, so later frames see it
+            hs.append(self.transformer(token, cache)[:, 0])  # the last token too, so later frames see it
+            x, h, iters = torch.stack(xs, dim=1), torch.stack(hs, dim=1), N
         elif method == "jacobi":
             # All N tokens in parallel: x <- mu(x) + s(x) * z. After k sweeps the first k tokens are
             # exact (causality), so N sweeps always suffice; usually far fewer meet the tolerance.
@@ -187,10 +221,10 @@ class TARFlowBlock(nn.Module):
                     break
             # commit the solved frame so the cache holds exactly what a forward pass would have
             tokens = torch.cat([start[:, None], self._embed(x, guidance)], dim=1)
-            h_last = self.transformer(tokens, cache)[:, -1]
+            h = self.transformer(tokens, cache)
         else:
             raise ValueError(f"method must be 'jacobi' or 'sequential', got {method!r}")
-        return x, h_last[:B], iters
+        return Inversion(x, iters, self._to_noise(x, h[:B])[1], h[:B, -1])
 
     def _check_inverse_args(self, z, cond, guidance):
         check_tokens(z, self.token_dim, "z")
@@ -201,7 +235,7 @@ class TARFlowBlock(nn.Module):
     def inverse(self, z: torch.Tensor, cond: torch.Tensor | None = None, method: str = "jacobi",
                 guidance: float | None = None, init: torch.Tensor | None = None,
                 tol: float = 1e-3, max_iters: int | None = None):
-        """z (B, T, N, D) -> x (B, T, N, D), iterations used per frame (list of T ints).
+        """z (B, T, N, D) -> Inversion(x (B, T, N, D), sweeps per frame (list of T ints), logdet (B,)).
 
         Frames are solved in order (causal in time). Jacobi starts frame 0 from `init` (B, N, D)
         (default: z itself, the identity's answer) and each later frame from the previous frame's
@@ -220,18 +254,19 @@ class TARFlowBlock(nn.Module):
             start = torch.cat([start, self._start_tokens(None, b, t)])
         cache = self.transformer.new_cache()
         guess = None if init is None else self._permute(init[:, None])[:, 0]
-        xs, iters = [], []
+        xs, iters, logdet = [], [], 0.0
         for i in range(t):
-            x, _, n = self._solve_frame(zp[:, i], start[:, i], cache, method, guess, guidance, tol, max_iters)
-            xs.append(x)
-            iters.append(n)
-            guess = x
+            frame = self._solve_frame(zp[:, i], start[:, i], cache, method, guess, guidance, tol, max_iters)
+            xs.append(frame.x)
+            iters.append(frame.iterations)
+            logdet = logdet + frame.logdet
+            guess = frame.x
         x = self._permute(torch.stack(xs, dim=1)).reshape(B, T, N, D)
-        return x, (iters * T if self.local else iters)
+        return Inversion(x, iters * T if self.local else iters, logdet.reshape(B, -1).sum(dim=1))
 
     def inverse_sequential(self, z, cond=None, guidance=None):
         """Reference inverse: one token at a time through the KV cache."""
-        return self.inverse(z, cond, method="sequential", guidance=guidance)[0]
+        return self.inverse(z, cond, method="sequential", guidance=guidance).x
 
     def jacobi_invert(self, z, cond=None, guidance=None, init=None, tol=1e-3, max_iters=None):
         """Parallel inverse: each frame's tokens solved together as a fixed point."""
@@ -243,7 +278,7 @@ class TARFlowBlock(nn.Module):
         """Stream one new frame: z (B, N, D) and its condition (B,) given the earlier frames in `cache`.
 
         Appends the frame to the cache (with guidance the cache holds 2B rows: [cond; null]).
-        Returns x (B, N, D), the hidden state after the frame (B, width), iterations used.
+        Returns Inversion(x (B, N, D), sweeps used, logdet (B,), hidden after the frame (B, width)).
         """
         if self.local or self.order == "reverse":
             raise ValueError("invert_frame streams frames through a non-local block in frame order")
@@ -251,10 +286,11 @@ class TARFlowBlock(nn.Module):
         start = self._start_tokens(None if cond is None else cond[:, None], z.shape[0], 1)[:, 0]
         if guidance is not None:
             start = torch.cat([start, self._start_tokens(None, z.shape[0], 1)[:, 0]])
-        flip = self.order == "reverse_within_frame"
-        z, init = (z.flip(1), None if init is None else init.flip(1)) if flip else (z, init)
-        x, hidden, iters = self._solve_frame(z, start, cache, method, init, guidance, tol, max_iters)
-        return (x.flip(1) if flip else x), hidden, iters
+        if self.order == "reverse_within_frame":
+            out = self._solve_frame(z.flip(1), start, cache, method, None if init is None else init.flip(1),
+                                    guidance, tol, max_iters)
+            return out._replace(x=out.x.flip(1))
+        return self._solve_frame(z, start, cache, method, init, guidance, tol, max_iters)
 
 
 class TARFlow(nn.Module):
@@ -298,11 +334,11 @@ class TARFlow(nn.Module):
         return 0.5 * z.pow(2).mean() - logdet.mean() / x[0].numel()
 
     def inverse(self, z, cond=None, method="jacobi", guidance=None, tol=1e-3, max_iters=None):
-        """z -> x through the blocks in reverse; returns x and the Jacobi iterations per block."""
+        """z -> x through the blocks in reverse; returns x and the Jacobi sweeps per block (last block first)."""
         iters = []
         for block in reversed(self.blocks):
             g = guidance if block.cond_embed is not None else None
-            z, n = block.inverse(z, self._cond_for(block, cond), method, g, tol=tol, max_iters=max_iters)
+            z, n, _, _ = block.inverse(z, self._cond_for(block, cond), method, g, tol=tol, max_iters=max_iters)
             iters.append(n)
         return z, iters
 

@@ -70,9 +70,10 @@ class KVCache:
         self.keys = [apply_rope(k[:, :, n:], cos, sin) for k in self.keys]
         self.values = [v[:, :, n:] for v in self.values]
 
-    def clone(self) -> "KVCache":
+    def select(self, rows) -> "KVCache":
+        """A new cache holding only the given batch rows (an index tensor or a slice)."""
         out = KVCache(len(self.keys), self.head_dim)
-        out.keys, out.values = list(self.keys), list(self.values)  # tensors are never written in place
+        out.keys, out.values = [k[rows] for k in self.keys], [v[rows] for v in self.values]
         return out
 
 

@@ -1,0 +1,34 @@
+"""Shared fixtures: a small real Breakout collection and a tiny trained world model, made once per run."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def breakout_data(tmp_path_factory):
+    """~800 real ALE Breakout steps (a few episodes), collected in-process."""
+    from worldflow.collect import collect
+
+    out = tmp_path_factory.mktemp("data") / "breakout"
+    collect("ALE/Breakout-v5", 800, str(out), seed=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(breakout_data, tmp_path_factory):
+    """The tiny config trained for its few steps: (trainer, run directory)."""
+    from worldflow.config import load_config
+    from worldflow.train import Trainer
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    trainer = Trainer(load_config(TINY), str(breakout_data), str(out))
+    trainer.run(progress=False)
+    return trainer, out

@@ -1,0 +1,90 @@
+"""Collection writes whole episodes atomically, resumes exactly, and feeds fixed-length clips."""
+
+import json
+
+import numpy as np
+import pytest
+
+from worldflow.collect import collect, shard_paths, shard_steps
+from worldflow.data import ClipDataset
+
+
+def test_collection_writes_episodes_and_manifest(breakout_data):
+    manifest = json.loads((breakout_data / "manifest.json").read_text())
+    assert manifest["env_id"] == "ALE/Breakout-v5" and manifest["num_actions"] == 4
+    assert manifest["action_meanings"] == ["NOOP", "FIRE", "RIGHT", "LEFT"] and manifest["frame_size"] == 64
+    shards = shard_paths(breakout_data)
+    assert len(shards) >= 3 and sum(shard_steps(p) for p in shards) == 800
+    with np.load(shards[0]) as ep:
+        L = len(ep["actions"])
+        assert ep["frames"].shape == (L + 1, 64, 64, 3) and ep["frames"].dtype == np.uint8
+        assert ep["rewards"].shape == ep["terminated"].shape == (L,)
+        assert ep["terminated"][-1] or ep["truncated"][-1]  # an episode ends where its shard ends
+        assert ep["frames"].std() > 1  # real pixels, not a blank screen
+    with np.load(shards[-1]) as last:
+        assert last["truncated"][-1]  # the step budget cut the last episode
+
+
+def test_clip_dataset_splits_by_episode(breakout_data):
+    train = ClipDataset(breakout_data, clip_frames=6, split="train")
+    val = ClipDataset(breakout_data, clip_frames=6, split="val")
+    assert len(val.episodes) >= 1 and len(train.episodes) >= 2
+    train_firsts = {ep["frames"][0].tobytes() + ep["frames"][5].tobytes() for ep in train.episodes}
+    assert all(ep["frames"][0].tobytes() + ep["frames"][5].tobytes() not in train_firsts for ep in val.episodes)
+    item = train[len(train) - 1]
+    assert item["frames"].shape == (6, 64, 64, 3) and item["actions"].shape == (5,)
+    with pytest.raises(ValueError, match="clip_frames"):
+        ClipDataset(breakout_data, clip_frames=100000)
+
+
+def test_interrupted_collection_resumes_to_identical_data(tmp_path):
+    reference = tmp_path / "reference"
+    collect("ALE/Breakout-v5", 500, str(reference), seed=3, progress=False)
+
+    stopped = tmp_path / "stopped"
+    import worldflow.collect as c
+
+    calls = {"n": 0}
+    original = c.collect_worker
+
+    def stop_after_two_episodes(*args, **kwargs):
+        def on_episode(_):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt  # Ctrl-C between episodes
+        return original(*args[:6], on_episode=on_episode)
+
+    c.collect_worker = stop_after_two_episodes
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            collect("ALE/Breakout-v5", 500, str(stopped), seed=3, progress=False)
+    finally:
+        c.collect_worker = original
+    assert len(shard_paths(stopped)) == 2
+    (stopped / "episodes" / "w00-e000002.npz.tmp").write_bytes(b"half an episode")  # a kill mid-write
+    collect("ALE/Breakout-v5", 500, str(stopped), seed=3, progress=False)
+    assert not list((stopped / "episodes").glob("*.tmp"))
+    ref, got = shard_paths(reference), shard_paths(stopped)
+    assert [p.name for p in ref] == [p.name for p in got]
+    for a, b in zip(ref, got):
+        with np.load(a) as x, np.load(b) as y:
+            for key in x.files:
+                np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_resuming_into_a_different_collection_is_refused(breakout_data):
+    with pytest.raises(ValueError, match="env_id"):
+        collect("ALE/Pong-v5", 10, str(breakout_data), progress=False)
+
+
+def test_ray_workers_each_fill_their_own_shards(tmp_path):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20,
+             _temp_dir="/tmp/wf-ray")
+    try:
+        collect("ALE/Breakout-v5", 300, str(tmp_path / "d"), seed=1, workers=2, progress=False)
+    finally:
+        ray.shutdown()
+    shards = shard_paths(tmp_path / "d")
+    assert {p.name[:3] for p in shards} == {"w00", "w01"}
+    assert sum(shard_steps(p) for p in shards) == 300

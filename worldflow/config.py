@@ -1,0 +1,102 @@
+"""Model and training configuration: YAML files checked key by key against these dataclasses.
+
+A config describes the model and its training, never the game: action count and meanings come
+from the dataset's manifest, so any config trains on any collected game.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    # autoencoder: frame (S, S, 3) -> latent grid (S/ae_downsample, S/ae_downsample, latent_channels)
+    latent_channels: int = 8
+    ae_downsample: int = 8
+    ae_width: int = 64
+    patch: int = 1  # latent patch side per token: tokens per frame = (S / ae_downsample / patch)^2
+    # flow: shallow per-frame blocks, then one deep block causal over the clip
+    width: int = 128
+    heads: int = 4
+    shallow_blocks: int = 2
+    shallow_depth: int = 2
+    deep_depth: int = 4
+    noise_sigma: float = 0.3  # noise augmentation on per-channel-normalised latents
+    action_dropout: float = 0.1  # p of the null action token, for classifier-free guidance
+    context_frames: int = 8  # sliding window of the deep block's KV cache, in frames
+    denoiser_width: int = 64
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    clip_frames: int = 8
+    batch_size: int = 16
+    ae_steps: int = 2000
+    ae_lr: float = 1e-3
+    flow_steps: int = 5000
+    lr: float = 3e-4
+    denoiser_lr: float = 3e-4
+    warmup_steps: int = 100
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    skip_grad_norm: float = 100.0  # skip an update whose gradient norm is this far above the clip
+    val_fraction: float = 0.1
+    log_every: int = 25
+    checkpoint_every: int = 250
+    threads: int = 0  # torch threads; 0 = torch's default
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"config section {where!r} must be a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"unknown config key '{where}.{key}' (known keys: {', '.join(known)})")
+        expected = known[key].type
+        expected = {"int": int, "float": float, "str": str, "bool": bool}.get(expected, expected)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ValueError(f"config key '{where}.{key}' must be {expected.__name__}, "
+                             f"got {type(value).__name__} ({value!r})")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict) -> Config:
+    if not isinstance(values, dict):
+        raise ValueError("a config must be a mapping with sections 'model' and 'train'")
+    unknown = set(values) - {"model", "train"}
+    if unknown:
+        raise ValueError(f"unknown config section(s) {sorted(unknown)} (known: model, train)")
+    return Config(model=_build(ModelConfig, values.get("model", {}), "model"),
+                  train=_build(TrainConfig, values.get("train", {}), "train"))
+
+
+def load_config(path) -> Config:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
+    try:
+        return config_from_dict(values)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None

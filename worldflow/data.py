@@ -1,0 +1,62 @@
+"""Fixed-length training clips from a collected dataset, with a held-out split by episode."""
+
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .collect import shard_paths
+
+
+def load_manifest(root) -> dict:
+    path = Path(root) / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{root} is not a WorldFlow dataset (no manifest.json): run `worldflow collect` first")
+    return json.loads(path.read_text())
+
+
+def is_held_out(shard: Path, val_fraction: float) -> bool:
+    """A stable per-episode coin (hash of the shard name), so the split never changes as data grows."""
+    return zlib.crc32(shard.name.encode()) % 1000 < val_fraction * 1000
+
+
+class ClipDataset(Dataset):
+    """Every window of `clip_frames` consecutive frames inside one episode of the chosen split.
+
+    Item: frames (T, S, S, 3) uint8, actions (T-1,) long, rewards (T-1,) float, terminated (T-1,) bool;
+    actions[i] leads from frames[i] to frames[i+1].
+    """
+
+    def __init__(self, root, clip_frames: int, split: str = "train", val_fraction: float = 0.1):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        self.manifest = load_manifest(root)
+        shards = shard_paths(root)
+        held_out = [p for p in shards if is_held_out(p, val_fraction)]
+        if not held_out and len(shards) > 1 and val_fraction > 0:
+            held_out = shards[-1:]  # tiny datasets still get one held-out episode
+        chosen = held_out if split == "val" else [p for p in shards if p not in held_out]
+        self.episodes = []
+        for path in chosen:
+            with np.load(path) as shard:
+                self.episodes.append({k: shard[k] for k in ("frames", "actions", "rewards", "terminated")})
+        # (episode, start) of every clip that fits inside its episode
+        self.index = [(e, s) for e, ep in enumerate(self.episodes) for s in range(len(ep["frames"]) - clip_frames + 1)]
+        if not self.index:
+            raise ValueError(f"no {split} episode in {root} has {clip_frames} frames "
+                             f"({len(chosen)} episodes): collect more steps or shorten clip_frames")
+        self.clip_frames = clip_frames
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        e, s = self.index[i]
+        ep, T = self.episodes[e], self.clip_frames
+        return dict(frames=torch.from_numpy(ep["frames"][s:s + T]),
+                    actions=torch.from_numpy(ep["actions"][s:s + T - 1]).long(),
+                    rewards=torch.from_numpy(ep["rewards"][s:s + T - 1]).float(),
+                    terminated=torch.from_numpy(ep["terminated"][s:s + T - 1]))

@@ -1,0 +1,228 @@
+"""Train a world model: the autoencoder first, then the flow, heads and denoiser together.
+
+Why in stages: the flow models the autoencoder's latents, and per-channel latent statistics are
+fixed before the flow sees them; a moving latent space would make its likelihood meaningless.
+The flow, the heads and the denoiser then train jointly: one backward pass of the flow loss gives
+both the flow's gradients and the flow score d NLL / d x~ that is the denoiser's target.
+
+Run directory:
+    config.yaml, manifest.json      what was trained, on what
+    metrics.csv                     one row per log interval
+    latest/                         config.json + model.safetensors (a loadable checkpoint) and
+                                    trainer.json + optimizer.safetensors (to resume); replaced atomically
+"""
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from .autoencoder import to_pixels
+from .collect import write_json_atomic
+from .config import Config
+from .data import ClipDataset, load_manifest
+from .world_model import WorldFlowConfig, WorldFlowModel
+
+CHECKPOINT = "latest"
+
+
+def build_model(cfg: Config, manifest: dict) -> WorldFlowModel:
+    return WorldFlowModel(WorldFlowConfig(frame_size=manifest["frame_size"], num_actions=manifest["num_actions"],
+                                          action_meanings=manifest["action_meanings"], env_id=manifest["env_id"],
+                                          env_kwargs=manifest.get("env_kwargs", {}), **cfg.to_dict()["model"]))
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of base."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+# ---- optimizer state as safetensors (no pickle anywhere) ------------------------------------------
+def optimizer_tensors(name: str, opt: torch.optim.Optimizer) -> dict:
+    return {f"{name}.{i}.{k}": v.detach().clone().reshape(-1) if v.ndim == 0 else v.detach().clone()
+            for i, state in opt.state_dict()["state"].items() for k, v in state.items()}
+
+
+def load_optimizer(name: str, opt: torch.optim.Optimizer, tensors: dict) -> None:
+    sd = opt.state_dict()
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith(f"{name}."):
+            _, idx, field = key.split(".", 2)
+            state.setdefault(int(idx), {})[field] = value.reshape(()) if field == "step" else value
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, data: str, out: str):
+        self.cfg, self.out, t = cfg, Path(out), cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.manifest = load_manifest(data)
+        self.train_set = ClipDataset(data, t.clip_frames, "train", t.val_fraction)
+        torch.manual_seed(t.seed)
+        self.model = build_model(cfg, self.manifest)
+        m = self.model
+        self.ae_opt = torch.optim.AdamW(m.ae.parameters(), lr=t.ae_lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+        self.flow_params = [p for mod in (*m.shallow, m.deep, m.heads) for p in mod.parameters()]
+        self.flow_opt = torch.optim.AdamW(self.flow_params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+        self.den_opt = torch.optim.AdamW(m.denoiser.parameters(), lr=t.denoiser_lr, betas=(0.9, 0.95))
+        self.generator = torch.Generator().manual_seed(t.seed)
+        self.step, self.skipped = 0, 0
+        if (self.out / CHECKPOINT).exists() or (self.out / f"{CHECKPOINT}.old").exists():
+            self._resume()
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            write_json_atomic(self.out / "manifest.json", self.manifest)
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.train.ae_steps + self.cfg.train.flow_steps
+
+    def batch(self) -> dict:
+        idx = torch.randint(len(self.train_set), (self.cfg.train.batch_size,), generator=self.generator)
+        items = [self.train_set[int(i)] for i in idx]
+        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+    # ---- one step of each stage -----------------------------------------------------------------
+    def ae_step(self) -> dict:
+        t = self.cfg.train
+        for group in self.ae_opt.param_groups:
+            group["lr"] = lr_at(self.step, t.ae_steps, t.ae_lr, t.warmup_steps)
+        pixels = to_pixels(self.batch()["frames"].flatten(0, 1))
+        loss = (self.model.ae.decode(self.model.ae.encode(pixels)) - pixels).pow(2).mean()
+        self.ae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.ae.parameters(), t.grad_clip)
+        self.ae_opt.step()
+        # MSE on [-1, 1] pixels -> PSNR on [0, 255]
+        return dict(ae_mse=loss.item(), ae_psnr=10 * math.log10(4 / max(loss.item(), 1e-10)))
+
+    @torch.no_grad()
+    def fit_latent_stats(self, batches: int = 8) -> None:
+        lat = torch.cat([self.model.ae.encode(to_pixels(self.batch()["frames"].flatten(0, 1))) for _ in range(batches)])
+        self.model.latent_mean.copy_(lat.mean(dim=(0, 2, 3)))
+        self.model.latent_std.copy_(lat.std(dim=(0, 2, 3)).clamp_min(1e-3))
+
+    def flow_step(self) -> dict:
+        t = self.cfg.train
+        step = self.step - t.ae_steps
+        for group in self.flow_opt.param_groups:
+            group["lr"] = lr_at(step, t.flow_steps, t.lr, t.warmup_steps)
+        b = self.batch()
+        losses, noisy = self.model.compute_losses(b["frames"], b["actions"], b["rewards"], b["terminated"],
+                                                  self.generator)
+        if not torch.isfinite(losses["total"]):
+            self.skipped += 1
+            return {k: float("nan") for k in losses}
+        self.flow_opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.flow_params, t.grad_clip)
+        if torch.isfinite(norm) and norm < t.skip_grad_norm * t.grad_clip:
+            self.flow_opt.step()
+        else:  # a spike far above the clip: skip it rather than let it through, clipped or not
+            self.skipped += 1
+        den = self.model.denoiser_loss(noisy)
+        self.den_opt.zero_grad(set_to_none=True)
+        den.backward()
+        self.den_opt.step()
+        out = {k: v.item() for k, v in losses.items()}
+        out.update(grad_norm=norm.item(), denoiser=den.item(),
+                   bits_per_dim=(out["flow"] + 0.5 * math.log(2 * math.pi)) / math.log(2))
+        return out
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def save(self) -> Path:
+        """Write latest.tmp/ completely, then swap it in: a crash leaves latest/ or latest.old/ whole."""
+        final, tmp, old = (self.out / CHECKPOINT, self.out / f"{CHECKPOINT}.tmp", self.out / f"{CHECKPOINT}.old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        tensors = {**optimizer_tensors("ae", self.ae_opt), **optimizer_tensors("flow", self.flow_opt),
+                   **optimizer_tensors("denoiser", self.den_opt), "rng": self.generator.get_state()}
+        save_file(tensors, tmp / "optimizer.safetensors")
+        (tmp / "trainer.json").write_text(json.dumps(dict(step=self.step, skipped=self.skipped)))
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _resume(self) -> None:
+        ckpt = self.out / CHECKPOINT
+        if not ckpt.exists():  # interrupted between the two renames of save()
+            (self.out / f"{CHECKPOINT}.old").rename(ckpt)
+        loaded = WorldFlowModel.from_pretrained(ckpt)
+        self.model.load_state_dict(loaded.state_dict())
+        tensors = load_file(ckpt / "optimizer.safetensors")
+        load_optimizer("ae", self.ae_opt, tensors)
+        load_optimizer("flow", self.flow_opt, tensors)
+        load_optimizer("denoiser", self.den_opt, tensors)
+        self.generator.set_state(tensors["rng"])
+        state = json.loads((ckpt / "trainer.json").read_text())
+        self.step, self.skipped = state["step"], state["skipped"]
+        self._trim_metrics()
+
+    def _trim_metrics(self) -> None:
+        """Drop metric rows logged after the checkpoint we resume from (they will be logged again)."""
+        path = self.out / "metrics.csv"
+        if not path.exists():
+            return
+        with open(path) as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
+        self._write_metrics(rows, mode="w")
+
+    def _write_metrics(self, rows: list[dict], mode: str = "a") -> None:
+        path = self.out / "metrics.csv"
+        fields = ["step", "stage", "ae_mse", "ae_psnr", "flow", "bits_per_dim", "reward", "terminated", "total",
+                  "denoiser", "grad_norm", "lr"]
+        new = mode == "w" or not path.exists()
+        with open(path, mode, newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def run(self, progress: bool = True) -> Path:
+        from tqdm import tqdm
+
+        t = self.cfg.train
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not progress)
+        self.model.train()
+        try:
+            while self.step < self.total_steps:
+                if self.step == t.ae_steps:
+                    self.fit_latent_stats()
+                stage = "ae" if self.step < t.ae_steps else "flow"
+                metrics = self.ae_step() if stage == "ae" else self.flow_step()
+                self.step += 1
+                bar.update(1)
+                if self.step % t.log_every == 0 or self.step == self.total_steps:
+                    opt = self.ae_opt if stage == "ae" else self.flow_opt
+                    self._write_metrics([dict(step=self.step, stage=stage, lr=opt.param_groups[0]["lr"], **metrics)])
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()
+                                     if k in ("ae_psnr", "bits_per_dim", "reward", "denoiser")})
+                if self.step % t.checkpoint_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            bar.write(f"interrupted at step {self.step}: saving a checkpoint to resume from")
+            self.save()
+            raise
+        finally:
+            bar.close()
+        return self.save()
+
+
+def train(cfg: Config, data: str, out: str, progress: bool = True) -> Path:
+    return Trainer(cfg, data, out).run(progress)

@@ -1,0 +1,316 @@
+"""WorldFlowModel: the action-conditioned video flow (STARFlow-V's global-local design).
+
+    frames (B, T, S, S, 3) uint8
+      -> autoencoder -> per-channel-normalised latents (B, T, C, h, w)  [+ sigma noise in training]
+      -> patch tokens x (B, T, N, D)
+      -> shallow blocks: local, per frame, unconditional, alternating token order
+      -> deep block: causal over the whole clip, an action token before each frame
+      -> z ~ N(0, I)
+The deep block's per-frame hidden state feeds the reward (-1/0/+1) and termination heads; its KV
+cache over a sliding window of past frames is the simulator's state (`WorldState`).
+Cond for frame t is the action taken before it; frame 0 gets the null action (index num_actions).
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+from .autoencoder import Autoencoder, to_frames, to_pixels
+from .config import ModelConfig
+from .denoiser import FrameDenoiser
+from .flow import TARFlowBlock, add_noise
+from .transformer import KVCache
+
+hf_logging.disable_progress_bar()
+SAMPLERS = ("jacobi", "sequential")
+DENOISERS = ("flow-score", "tweedie", "none")
+
+
+class WorldFlowConfig(PretrainedConfig):
+    model_type = "worldflow"
+
+    def __init__(self, frame_size: int = 64, num_actions: int = 4, action_meanings: list | None = None,
+                 env_id: str | None = None, env_kwargs: dict | None = None, **kwargs):
+        for f in dataclasses.fields(ModelConfig):  # the model section of a YAML config, flattened
+            setattr(self, f.name, kwargs.pop(f.name, f.default))
+        self.frame_size, self.num_actions, self.env_id = frame_size, num_actions, env_id
+        self.action_meanings = action_meanings or [str(i) for i in range(num_actions)]
+        self.env_kwargs = env_kwargs or {}
+        super().__init__(**kwargs)
+
+
+@dataclass
+class WorldState:
+    """The simulator's state: the deep block's KV cache over the last frames, plus warm starts."""
+    cache: KVCache
+    frames: int  # frames held in the cache
+    last_solution: torch.Tensor  # (B, N, D) deep-block input of the last frame: Jacobi's warm start
+    last_noisy: torch.Tensor  # (B, C, h, w) last noisy latent grid: the denoiser's context
+    guidance: float | None
+
+
+@dataclass
+class Step:
+    frames: torch.Tensor  # (B, S, S, 3) uint8
+    reward: torch.Tensor  # (B,) predicted reward sign in {-1, 0, 1}
+    terminated: torch.Tensor  # (B,) predicted probability that the episode ended
+    bits_per_dim: torch.Tensor  # (B,) the model's surprise at its own frame (latent bits/dim)
+    iterations: int  # Jacobi sweeps of the deep block
+
+
+class WorldFlowModel(PreTrainedModel):
+    config_class = WorldFlowConfig
+    main_input_name = "frames"
+
+    def __init__(self, config: WorldFlowConfig):
+        super().__init__(config)
+        c = config
+        if c.frame_size % (c.ae_downsample * c.patch):
+            raise ValueError(f"frame_size {c.frame_size} is not divisible by ae_downsample*patch "
+                             f"= {c.ae_downsample * c.patch}")
+        self.grid = c.frame_size // c.ae_downsample
+        self.tokens_per_frame = (self.grid // c.patch) ** 2
+        self.token_dim = c.latent_channels * c.patch**2
+        self.ae = Autoencoder(c.latent_channels, c.ae_downsample, c.ae_width)
+        self.register_buffer("latent_mean", torch.zeros(c.latent_channels))
+        self.register_buffer("latent_std", torch.ones(c.latent_channels))
+        orders = ("raster", "reverse")
+        self.shallow = nn.ModuleList(TARFlowBlock(self.token_dim, c.width, c.shallow_depth, c.heads,
+                                                  order=orders[i % 2], local=True) for i in range(c.shallow_blocks))
+        deep_order = ("raster", "reverse_within_frame")[c.shallow_blocks % 2]
+        self.deep = TARFlowBlock(self.token_dim, c.width, c.deep_depth, c.heads, order=deep_order,
+                                 num_classes=c.num_actions)
+        # reward sign logits (3) and termination logit (1) from the deep block's per-frame state
+        self.heads = nn.Sequential(nn.Linear(c.width, c.width), nn.GELU(), nn.Linear(c.width, 4))
+        self.denoiser = FrameDenoiser(c.latent_channels, c.denoiser_width)
+        self.post_init()
+
+    def _init_weights(self, module):
+        pass  # every module initialises itself (zero-initialised flow heads must stay zero)
+
+    @classmethod
+    def from_pretrained(cls, path, *args, **kwargs):
+        """Load `config.json` + `model.safetensors` from a directory, with clear errors when they are bad."""
+        path = Path(path)
+        for name in ("config.json", "model.safetensors"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path} is not a WorldFlow checkpoint: {name} is missing")
+        try:
+            return super().from_pretrained(path, *args, local_files_only=True, **kwargs)
+        except Exception as e:  # safetensors / json errors deep inside transformers
+            raise ValueError(f"checkpoint {path} is corrupt or incompatible: {type(e).__name__}: {e}") from None
+
+    # ---- frames <-> latents <-> tokens ----------------------------------------------------------
+    def frames_to_latents(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, T, S, S, 3) -> normalised latents (B, T, C, h, w)."""
+        B, T = frames.shape[:2]
+        lat = self.ae.encode(to_pixels(frames.flatten(0, 1)).to(self.device))
+        lat = (lat - self.latent_mean[:, None, None]) / self.latent_std[:, None, None]
+        return lat.view(B, T, *lat.shape[1:])
+
+    def latents_to_frames(self, lat: torch.Tensor) -> torch.Tensor:
+        """normalised latents (..., C, h, w) -> uint8 (..., S, S, 3)."""
+        lead = lat.shape[:-3]
+        lat = lat.reshape(-1, *lat.shape[-3:]) * self.latent_std[:, None, None] + self.latent_mean[:, None, None]
+        frames = to_frames(self.ae.decode(lat))
+        return frames.reshape(*lead, *frames.shape[1:])
+
+    def to_tokens(self, lat: torch.Tensor) -> torch.Tensor:
+        return rearrange(lat, "... c (h p) (w q) -> ... (h w) (p q c)", p=self.config.patch, q=self.config.patch)
+
+    def to_latents(self, tokens: torch.Tensor) -> torch.Tensor:
+        g = self.grid // self.config.patch
+        return rearrange(tokens, "... (h w) (p q c) -> ... c (h p) (w q)", h=g, w=g, p=self.config.patch,
+                         q=self.config.patch)
+
+    # ---- inputs ---------------------------------------------------------------------------------
+    def check_frames(self, frames, name: str = "frames") -> None:
+        S = self.config.frame_size
+        if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8:
+            raise ValueError(f"{name} must be a uint8 torch.Tensor, got "
+                             f"{frames.dtype if isinstance(frames, torch.Tensor) else type(frames).__name__}")
+        if frames.ndim != 5 or tuple(frames.shape[2:]) != (S, S, 3):
+            raise ValueError(f"{name} must have shape (batch, frames, {S}, {S}, 3), got {tuple(frames.shape)}")
+
+    def check_actions(self, actions, batch: int, steps: int, name: str = "actions") -> None:
+        if not isinstance(actions, torch.Tensor) or actions.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{name} must be an integer torch.Tensor of action ids")
+        if tuple(actions.shape) != (batch, steps):
+            raise ValueError(f"{name} must have shape ({batch}, {steps}), got {tuple(actions.shape)}")
+        n = self.config.num_actions
+        if actions.numel() and (actions.min() < 0 or actions.max() >= n):
+            raise ValueError(f"{name} must lie in [0, {n - 1}] ({n} actions: {self.config.action_meanings}), "
+                             f"got range [{int(actions.min())}, {int(actions.max())}]")
+
+    def frame_conditions(self, actions: torch.Tensor, dropout: float = 0.0, generator=None) -> torch.Tensor:
+        """actions (B, T-1) between frames -> per-frame conditions (B, T): null first, then a_0..a_T-2."""
+        null = self.config.num_actions
+        cond = F.pad(actions.long(), (1, 0), value=null)
+        if dropout > 0:
+            drop = torch.rand(cond.shape, generator=generator, device=cond.device) < dropout
+            cond = cond.masked_fill(drop, null)
+        return cond
+
+    # ---- data -> noise --------------------------------------------------------------------------
+    def flow_forward(self, tokens: torch.Tensor, cond: torch.Tensor):
+        """tokens (B, T, N, D) -> z, logdet (B,), per-frame hidden (B, T, width)."""
+        logdet = 0.0
+        for block in self.shallow:
+            tokens, ld = block(tokens)
+            logdet = logdet + ld
+        z, ld, hidden = self.deep(tokens, cond, return_hidden=True)
+        return z, logdet + ld, hidden
+
+    def log_prob(self, frames: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None):
+        """Exact log-density (nats, per clip) of the sigma-noised latents of `frames` under `actions`.
+
+        The flow models latents + N(0, sigma^2) noise; the noise is drawn from `generator` (seed 0 if
+        none is given), so the same inputs always score the same.
+        """
+        self.check_frames(frames)
+        self.check_actions(actions, frames.shape[0], frames.shape[1] - 1)
+        generator = generator or torch.Generator(device=self.device).manual_seed(0)
+        noisy = add_noise(self.frames_to_latents(frames), self.config.noise_sigma, generator)
+        z, logdet, _ = self.flow_forward(self.to_tokens(noisy), self.frame_conditions(actions.to(self.device)))
+        return -0.5 * (z.pow(2) + math.log(2 * math.pi)).flatten(1).sum(1) + logdet
+
+    def bits_per_dim(self, frames, actions, generator=None) -> torch.Tensor:
+        """Latent bits/dim (per clip): -log p / (latent dims * ln 2). Not pixel bits/dim."""
+        dims = (frames.shape[1]) * self.tokens_per_frame * self.token_dim
+        return -self.log_prob(frames, actions, generator) / (dims * math.log(2))
+
+    def encode(self, frames: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Real clip -> its noise z (B, T, N, D): the flow's exact forward on the clean latents."""
+        self.check_frames(frames)
+        self.check_actions(actions, frames.shape[0], frames.shape[1] - 1)
+        tokens = self.to_tokens(self.frames_to_latents(frames))
+        return self.flow_forward(tokens, self.frame_conditions(actions.to(self.device)))[0]
+
+    def flow_inverse(self, z: torch.Tensor, cond: torch.Tensor, sampler: str = "jacobi", tol: float = 1e-3):
+        """z (B, T, N, D) -> tokens: deep block frame by frame, then all frames' shallow blocks as one batch."""
+        tokens = self.deep.inverse(z, cond, method=sampler, tol=tol).x
+        for block in reversed(self.shallow):
+            tokens = block.inverse(tokens, method=sampler, tol=tol).x
+        return tokens
+
+    def decode(self, z: torch.Tensor, actions: torch.Tensor, sampler: str = "jacobi", tol: float = 1e-3):
+        """Noise z (B, T, N, D) under `actions` (B, T-1) -> frames uint8 (B, T, S, S, 3)."""
+        self.check_actions(actions, z.shape[0], z.shape[1] - 1)
+        tokens = self.flow_inverse(z, self.frame_conditions(actions.to(self.device)), sampler, tol)
+        return self.latents_to_frames(self.to_latents(tokens))
+
+    # ---- training -------------------------------------------------------------------------------
+    def compute_losses(self, frames, actions, rewards, terminated, generator=None):
+        """One clip batch -> dict of losses, and the noisy latents (requires grad) for the denoiser.
+
+        After `losses["total"].backward()`, noisy.grad is d(flow loss)/d(noisy) alone: the heads read
+        a detached hidden state, so their loss never reaches the latents.
+        """
+        with torch.no_grad():
+            latents = self.frames_to_latents(frames)
+        noisy = add_noise(latents, self.config.noise_sigma, generator).requires_grad_(True)
+        cond = self.frame_conditions(actions, self.config.action_dropout, generator)
+        z, logdet, hidden = self.flow_forward(self.to_tokens(noisy), cond)
+        flow = 0.5 * z.pow(2).mean() - logdet.mean() / z[0].numel()
+        logits = self.heads(hidden[:, 1:].detach())  # frame t's state predicts the step that led to it
+        reward = F.cross_entropy(logits[..., :3].flatten(0, 1), (rewards.sign().long() + 1).flatten())
+        term = F.binary_cross_entropy_with_logits(logits[..., 3], terminated.float())
+        return dict(flow=flow, reward=reward, terminated=term, total=flow + reward + term), noisy
+
+    def denoiser_loss(self, noisy: torch.Tensor) -> torch.Tensor:
+        """MSE of D(x~_t, x~_t-1) to sigma * grad NLL, from noisy.grad left by the flow loss's backward."""
+        B, T = noisy.shape[:2]
+        dims = noisy[0].numel()
+        target = self.config.noise_sigma * noisy.grad * B * dims  # flow loss = sum_b NLL_b / (B * dims)
+        x = noisy.detach()
+        previous = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        pred = self.denoiser(x.flatten(0, 1), previous.flatten(0, 1))
+        return F.mse_loss(pred, target.flatten(0, 1))
+
+    # ---- the simulator: stream frames through the deep block's cache ----------------------------
+    def _both_branches(self, x, cond, guidance):
+        """With guidance the cache holds [cond; null] rows, the same frame in both."""
+        if guidance is None:
+            return x, cond
+        return torch.cat([x, x]), torch.cat([cond, torch.full_like(cond, self.config.num_actions)])
+
+    @torch.no_grad()
+    def start(self, frames: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None,
+              guidance: float | None = None) -> WorldState:
+        """Begin a dream from real context frames (B, K, S, S, 3) and the K-1 actions between them."""
+        self.check_frames(frames)
+        self.check_actions(actions, frames.shape[0], frames.shape[1] - 1)
+        K = frames.shape[1]
+        if K > self.config.context_frames:
+            raise ValueError(f"{K} context frames given; this model's window holds {self.config.context_frames}")
+        noisy = add_noise(self.frames_to_latents(frames), self.config.noise_sigma, generator)
+        tokens = self.to_tokens(noisy)
+        for block in self.shallow:
+            tokens = block(tokens)[0]
+        cond = self.frame_conditions(actions.to(self.device))
+        cache = self.deep.transformer.new_cache()
+        for t in range(K):
+            x, c = self._both_branches(tokens[:, t], cond[:, t], guidance)
+            self.deep.forward_frame(x, cache, c)
+        return WorldState(cache, K, tokens[:, -1], noisy[:, -1], guidance)
+
+    def _tweedie(self, noisy: torch.Tensor, past: KVCache, cond: torch.Tensor) -> torch.Tensor:
+        """Exact reference: x~ + sigma^2 * grad log p(x~_t | past, action), by autograd through the flow."""
+        with torch.enable_grad():
+            x = noisy.detach().requires_grad_(True)
+            tokens, logdet = self.to_tokens(x)[:, None], 0.0
+            for block in self.shallow:
+                tokens, ld = block(tokens)
+                logdet = logdet + ld
+            z, ld, _ = self.deep.forward_frame(tokens[:, 0], past, cond, commit=False)
+            log_p = -0.5 * z.pow(2).flatten(1).sum(1) + logdet + ld
+            (score,) = torch.autograd.grad(log_p.sum(), x)
+        return noisy + self.config.noise_sigma**2 * score
+
+    @torch.no_grad()
+    def sample_next(self, state: WorldState, action: torch.Tensor, generator: torch.Generator | None = None,
+                    sampler: str = "jacobi", denoiser: str = "flow-score", temperature: float = 1.0,
+                    tol: float = 1e-3) -> Step:
+        """Dream the frame that follows `action` (B,) from `state`, which is advanced in place."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if denoiser not in DENOISERS:
+            raise ValueError(f"denoiser must be one of {DENOISERS}, got {denoiser!r}")
+        B = state.last_solution.shape[0]
+        self.check_actions(action[:, None] if isinstance(action, torch.Tensor) else action, B, 1, "action")
+        cond = action.long().to(self.device)
+        z = temperature * torch.randn(B, self.tokens_per_frame, self.token_dim, generator=generator, device=self.device)
+        # the past as it was before this frame, for the exact score (conditional rows only)
+        past = state.cache.select(slice(0, B)) if denoiser == "tweedie" else None
+        deep = self.deep.invert_frame(z, state.cache, cond, method=sampler, guidance=state.guidance,
+                                      init=state.last_solution, tol=tol)
+        tokens, logdet = deep.x, deep.logdet
+        for block in reversed(self.shallow):  # local blocks: the frame alone, in parallel
+            inv = block.inverse(tokens[:, None], method=sampler, tol=tol)
+            tokens, logdet = inv.x[:, 0], logdet + inv.logdet
+        noisy = self.to_latents(tokens)
+        if denoiser == "flow-score":
+            clean = noisy - self.config.noise_sigma * self.denoiser(noisy, state.last_noisy)
+        elif denoiser == "tweedie":
+            clean = self._tweedie(noisy, past, cond)
+        else:
+            clean = noisy
+        logits = self.heads(deep.hidden)
+        log_p = -0.5 * (z.pow(2) + math.log(2 * math.pi)).flatten(1).sum(1) + logdet
+        state.frames += 1
+        state.last_solution, state.last_noisy = deep.x, noisy
+        if state.frames > self.config.context_frames:  # slide the window: constant memory per step
+            state.cache.slide((state.frames - self.config.context_frames) * (self.tokens_per_frame + 1))
+            state.frames = self.config.context_frames
+        return Step(frames=self.latents_to_frames(clean), reward=logits[:, :3].argmax(-1) - 1,
+                    terminated=torch.sigmoid(logits[:, 3]),
+                    bits_per_dim=-log_p / (self.tokens_per_frame * self.token_dim * math.log(2)),
+                    iterations=deep.iterations)

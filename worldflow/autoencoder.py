@@ -23,14 +23,18 @@ class Autoencoder(nn.Module):
         n = int(math.log2(downsample))
         if 2**n != downsample:
             raise ValueError(f"ae_downsample must be a power of two, got {downsample}")
-        enc = [nn.Conv2d(3, width, 3, padding=1)]
-        for _ in range(n):
-            enc += [ResBlock(width), nn.Conv2d(width, width, 4, stride=2, padding=1)]
-        enc += [ResBlock(width), nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, latent_channels, 1)]
+        # full resolution gets half the channels and no residual blocks: at 64x64 they cost most
+        half = width // 2
+        enc = [nn.Conv2d(3, half, 3, padding=1), nn.SiLU(), nn.Conv2d(half, width, 4, stride=2, padding=1),
+               ResBlock(width)]
+        for _ in range(n - 1):
+            enc += [nn.Conv2d(width, width, 4, stride=2, padding=1), ResBlock(width)]
+        enc += [nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, latent_channels, 1)]
         dec = [nn.Conv2d(latent_channels, width, 3, padding=1), ResBlock(width)]
-        for _ in range(n):
+        for _ in range(n - 1):
             dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, width, 3, padding=1), ResBlock(width)]
-        dec += [nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, 3, 3, padding=1)]
+        dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, half, 3, padding=1),
+                nn.GroupNorm(8, half), nn.SiLU(), nn.Conv2d(half, 3, 3, padding=1)]
         self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -210,14 +210,17 @@ class TARFlowBlock(nn.Module):
             # exact (causality), so N sweeps always suffice; usually far fewer meet the tolerance.
             past, x = cache.length, (z if init is None else init)
             max_iters = N if max_iters is None else min(max_iters, N)
+            done = torch.zeros(B, dtype=torch.bool, device=z.device)
             for iters in range(1, max_iters + 1):
                 tokens = torch.cat([start[:, None], self._embed(x[:, :-1], guidance)], dim=1)
                 h = self.transformer(tokens, cache)
                 cache.rewind(past)
                 x_new = self._affine_step(h, z, guidance)
-                change = (x_new - x).pow(2).mean() / x_new.pow(2).mean().clamp_min(1e-12)
-                x = x_new
-                if change < tol:
+                change = (x_new - x).pow(2).flatten(1).mean(1) / x_new.pow(2).flatten(1).mean(1).clamp_min(1e-12)
+                # each sample stops on its own: in a batch a row gets exactly what it would get alone
+                x = torch.where(done[:, None, None], x, x_new)
+                done = done | (change < tol)
+                if done.all():
                     break
             # commit the solved frame so the cache holds exactly what a forward pass would have
             tokens = torch.cat([start[:, None], self._embed(x, guidance)], dim=1)

@@ -8,7 +8,8 @@ both the flow's gradients and the flow score d NLL / d x~ that is the denoiser's
 Run directory:
     config.yaml, manifest.json      what was trained, on what
     metrics.csv                     one row per log interval
-    latest/                         config.json + model.safetensors (a loadable checkpoint) and
+    latest/                         config.json + model.safetensors (a loadable checkpoint),
+                                    start_contexts.safetensors (real frames dreams start from), and
                                     trainer.json + optimizer.safetensors (to resume); replaced atomically
 """
 
@@ -26,9 +27,21 @@ from .autoencoder import to_pixels
 from .collect import write_json_atomic
 from .config import Config
 from .data import ClipDataset, load_manifest
+from .pretrained import save_contexts
 from .world_model import WorldFlowConfig, WorldFlowModel
 
 CHECKPOINT = "latest"
+START_CONTEXTS = 16
+
+
+def start_contexts(data: str, frames: int, val_fraction: float):
+    """Real clips a dream can start from, held-out episodes first: (M, K, S, S, 3), (M, K-1)."""
+    try:
+        clips = ClipDataset(data, frames, "val", val_fraction)
+    except ValueError:  # held-out episodes too short for a whole window
+        clips = ClipDataset(data, frames, "train", val_fraction)
+    picks = [clips[int(i)] for i in torch.linspace(0, len(clips) - 1, min(START_CONTEXTS, len(clips))).long()]
+    return torch.stack([c["frames"] for c in picks]), torch.stack([c["actions"] for c in picks])
 
 
 def build_model(cfg: Config, manifest: dict) -> WorldFlowModel:
@@ -69,6 +82,7 @@ class Trainer:
             torch.set_num_threads(t.threads)
         self.manifest = load_manifest(data)
         self.train_set = ClipDataset(data, t.clip_frames, "train", t.val_fraction)
+        self.contexts = start_contexts(data, cfg.model.context_frames, t.val_fraction)
         torch.manual_seed(t.seed)
         self.model = build_model(cfg, self.manifest)
         m = self.model
@@ -147,6 +161,7 @@ class Trainer:
         final, tmp, old = (self.out / CHECKPOINT, self.out / f"{CHECKPOINT}.tmp", self.out / f"{CHECKPOINT}.old")
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp)
+        save_contexts(tmp, *self.contexts)
         tensors = {**optimizer_tensors("ae", self.ae_opt), **optimizer_tensors("flow", self.flow_opt),
                    **optimizer_tensors("denoiser", self.den_opt), "rng": self.generator.get_state()}
         save_file(tensors, tmp / "optimizer.safetensors")

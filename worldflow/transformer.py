@@ -70,6 +70,14 @@ class KVCache:
         self.keys = [apply_rope(k[:, :, n:], cos, sin) for k in self.keys]
         self.values = [v[:, :, n:] for v in self.values]
 
+    def set_rows(self, rows, other: "KVCache") -> None:
+        """Overwrite batch rows with another cache of the same length (one env of a batch was reset)."""
+        if other.length != self.length:
+            raise ValueError(f"cache lengths differ: {other.length} vs {self.length}")
+        for i in range(len(self.keys)):
+            self.keys[i], self.values[i] = self.keys[i].clone(), self.values[i].clone()
+            self.keys[i][rows], self.values[i][rows] = other.keys[i], other.values[i]
+
     def select(self, rows) -> "KVCache":
         """A new cache holding only the given batch rows (an index tensor or a slice)."""
         out = KVCache(len(self.keys), self.head_dim)

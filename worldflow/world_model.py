@@ -245,22 +245,29 @@ class WorldFlowModel(PreTrainedModel):
     @torch.no_grad()
     def start(self, frames: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None,
               guidance: float | None = None) -> WorldState:
-        """Begin a dream from real context frames (B, K, S, S, 3) and the K-1 actions between them."""
+        """Begin a dream from real context frames (B, K, S, S, 3) and the K-1 actions between them.
+
+        The window is always primed with exactly `context_frames` frames (fewer are left-padded by
+        repeating the first frame under the null action), so every state of a model has the same
+        cache length and batch rows can be reset independently.
+        """
         self.check_frames(frames)
         self.check_actions(actions, frames.shape[0], frames.shape[1] - 1)
-        K = frames.shape[1]
-        if K > self.config.context_frames:
-            raise ValueError(f"{K} context frames given; this model's window holds {self.config.context_frames}")
+        K, W = frames.shape[1], self.config.context_frames
+        if K > W:
+            raise ValueError(f"{K} context frames given; this model's window holds {W}")
+        cond = self.frame_conditions(actions.to(self.device))
+        frames = torch.cat([frames[:, :1].expand(-1, W - K, -1, -1, -1), frames], dim=1)
+        cond = F.pad(cond, (W - K, 0), value=self.config.num_actions)
         noisy = add_noise(self.frames_to_latents(frames), self.config.noise_sigma, generator)
         tokens = self.to_tokens(noisy)
         for block in self.shallow:
             tokens = block(tokens)[0]
-        cond = self.frame_conditions(actions.to(self.device))
         cache = self.deep.transformer.new_cache()
-        for t in range(K):
+        for t in range(W):
             x, c = self._both_branches(tokens[:, t], cond[:, t], guidance)
             self.deep.forward_frame(x, cache, c)
-        return WorldState(cache, K, tokens[:, -1], noisy[:, -1], guidance)
+        return WorldState(cache, W, tokens[:, -1], noisy[:, -1], guidance)
 
     def _tweedie(self, noisy: torch.Tensor, past: KVCache, cond: torch.Tensor) -> torch.Tensor:
         """Exact reference: x~ + sigma^2 * grad log p(x~_t | past, action), by autograd through the flow."""
@@ -278,8 +285,11 @@ class WorldFlowModel(PreTrainedModel):
     @torch.no_grad()
     def sample_next(self, state: WorldState, action: torch.Tensor, generator: torch.Generator | None = None,
                     sampler: str = "jacobi", denoiser: str = "flow-score", temperature: float = 1.0,
-                    tol: float = 1e-3) -> Step:
-        """Dream the frame that follows `action` (B,) from `state`, which is advanced in place."""
+                    tol: float = 1e-3, noise: torch.Tensor | None = None) -> Step:
+        """Dream the frame that follows `action` (B,) from `state`, which is advanced in place.
+
+        The frame's Gaussian noise comes from `generator`, or is given as `noise` (B, N, D).
+        """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if denoiser not in DENOISERS:
@@ -287,7 +297,9 @@ class WorldFlowModel(PreTrainedModel):
         B = state.last_solution.shape[0]
         self.check_actions(action[:, None] if isinstance(action, torch.Tensor) else action, B, 1, "action")
         cond = action.long().to(self.device)
-        z = temperature * torch.randn(B, self.tokens_per_frame, self.token_dim, generator=generator, device=self.device)
+        if noise is None:
+            noise = torch.randn(B, self.tokens_per_frame, self.token_dim, generator=generator, device=self.device)
+        z = temperature * noise
         # the past as it was before this frame, for the exact score (conditional rows only)
         past = state.cache.select(slice(0, B)) if denoiser == "tweedie" else None
         deep = self.deep.invert_frame(z, state.cache, cond, method=sampler, guidance=state.guidance,

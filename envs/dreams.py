@@ -1,0 +1,60 @@
+"""What the single and the vector WorldFlow environments share: loading a world, seeding, checks."""
+
+import numpy as np
+import torch
+
+from worldflow.pretrained import load_world
+
+SAMPLERS = ("jacobi", "sequential")
+DENOISERS = ("flow-score", "tweedie", "none")
+
+
+def open_world(checkpoint, sampler: str, denoiser: str, device: str):
+    """Load a world and check the sampling options: -> (model, start frames, start actions)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if denoiser not in DENOISERS:
+        raise ValueError(f"denoiser must be one of {DENOISERS}, got {denoiser!r}")
+    return load_world(checkpoint, device)
+
+
+def torch_generator(np_random: np.random.Generator, device: str = "cpu") -> torch.Generator:
+    """A torch stream drawn from the env's own np_random, so a seed fixes every sample."""
+    return torch.Generator(device=device).manual_seed(int(np_random.integers(0, 2**63 - 1)))
+
+
+def check_action(action, n: int, meanings: list[str]) -> int:
+    """An integer action in [0, n) or a ValueError: nothing is clipped, rounded or wrapped."""
+    if isinstance(action, np.ndarray) and action.shape == ():
+        action = action[()]
+    if isinstance(action, (bool, np.bool_)) or not isinstance(action, (int, np.integer)):
+        raise ValueError(f"action must be an integer in [0, {n}), got {action!r} ({type(action).__name__})")
+    if not 0 <= action < n:
+        raise ValueError(f"action {int(action)} is out of range: this world has {n} actions {meanings}")
+    return int(action)
+
+
+def start_context(model, frames, actions, np_random, options: dict | None, context_frames: int):
+    """The last <= context_frames frames (1, K, S, S, 3) and the K-1 actions between them, of the
+    context given in options, else of a random shipped one."""
+    f, a = _pick_context(model, frames, actions, np_random, options)
+    k = min(context_frames, f.shape[1])
+    return f[:, f.shape[1] - k:], a[:, a.shape[1] - k + 1:]
+
+
+def _pick_context(model, frames, actions, np_random, options: dict | None):
+    options = options or {}
+    unknown = set(options) - {"frames", "actions"}
+    if unknown:
+        raise ValueError(f"unknown reset option(s) {sorted(unknown)}; known: 'frames', 'actions'")
+    if "frames" not in options:
+        i = int(np_random.integers(len(frames)))
+        return frames[i:i + 1], actions[i:i + 1]
+    f = torch.as_tensor(np.asarray(options["frames"]))
+    if f.ndim == 3:
+        f = f[None]
+    a = options.get("actions", np.zeros(len(f) - 1, dtype=np.int64))
+    a = torch.as_tensor(np.asarray(a))
+    model.check_frames(f[None], "options['frames']")
+    model.check_actions(a[None], 1, len(f) - 1, "options['actions']")
+    return f[None], a[None].long()

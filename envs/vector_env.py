@@ -1,0 +1,116 @@
+"""WorldFlowVectorEnv: N dreams stepped as one batched model call (a native VectorEnv, not N copies).
+
+Autoreset is NEXT_STEP (Gymnasium's default, what RLlib assumes): the step after a sub-env ends
+resets it, ignoring its action, and returns its first frame with reward 0. Each sub-env keeps its
+own np_random and torch stream, seeded as a single WorldFlowEnv with seed+i would be, so sub-env i
+dreams what that single env dreams.
+"""
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode
+from gymnasium.vector.utils import batch_space
+
+from .dreams import check_action, open_world, start_context, torch_generator
+
+
+class WorldFlowVectorEnv(gym.vector.VectorEnv):
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 15, "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(self, num_envs: int = 1, checkpoint=None, render_mode: str | None = None, sampler: str = "jacobi",
+                 denoiser: str = "flow-score", temperature: float = 1.0, guidance: float | None = None,
+                 context_frames: int | None = None, max_episode_steps: int = 1000, device: str = "cpu"):
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"the vector env renders only 'rgb_array', got {render_mode!r}")
+        self.model, self.start_frames, self.start_actions = open_world(checkpoint, sampler, denoiser, device)
+        cfg = self.model.config
+        self.num_envs, self.render_mode = num_envs, render_mode
+        self.context_frames = context_frames or self.start_frames.shape[1]
+        self.sampler, self.denoiser, self.temperature, self.guidance = sampler, denoiser, temperature, guidance
+        self.max_episode_steps, self.device = max_episode_steps, device
+        self.action_meanings = list(cfg.action_meanings)
+        self.single_observation_space = spaces.Box(0, 255, (cfg.frame_size, cfg.frame_size, 3), np.uint8)
+        self.single_action_space = spaces.Discrete(cfg.num_actions)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self._rngs = [seeding.np_random()[0] for _ in range(num_envs)]
+        self._state = None
+
+    def _reset_row(self, i: int, options: dict | None):
+        """Start sub-env i from a context; returns its one-row state and first frame."""
+        frames, actions = start_context(self.model, self.start_frames, self.start_actions, self._rngs[i], options,
+                                        self.context_frames)
+        self._torch_rngs[i] = torch_generator(self._rngs[i], self.device)
+        return self.model.start(frames, actions, self._torch_rngs[i], self.guidance), frames[0, -1]
+
+    def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
+        if seed is not None:
+            seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, int) else list(seed)
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"{len(seeds)} seeds given for {self.num_envs} envs")
+            self._rngs = [seeding.np_random(s)[0] for s in seeds]
+        self._torch_rngs = [None] * self.num_envs
+        rows = [self._reset_row(i, options) for i in range(self.num_envs)]
+        self._state = rows[0][0]
+        for i, (state, _) in enumerate(rows[1:], start=1):
+            self._merge_row(i, state)
+        self._frames = torch.stack([f for _, f in rows]).numpy()
+        self._t = np.zeros(self.num_envs, dtype=np.int64)
+        self._needs_reset = np.zeros(self.num_envs, dtype=bool)
+        return self._frames.copy(), {}
+
+    def _merge_row(self, i: int, state) -> None:
+        if i == self._state.last_solution.shape[0]:  # building the batch up row by row
+            s = self._state
+            s.cache = _concat_caches(s.cache, state.cache, self.guidance is not None)
+            s.last_solution = torch.cat([s.last_solution, state.last_solution])
+            s.last_noisy = torch.cat([s.last_noisy, state.last_noisy])
+            return
+        rows = [i, i + self.num_envs] if self.guidance is not None else [i]  # [cond; null] halves
+        self._state.cache.set_rows(torch.tensor(rows), state.cache)
+        self._state.last_solution[i], self._state.last_noisy[i] = state.last_solution[0], state.last_noisy[0]
+
+    def step(self, actions):
+        if self._state is None:
+            raise RuntimeError("call reset() before step()")
+        actions = np.asarray(actions)
+        if actions.shape != (self.num_envs,):
+            raise ValueError(f"actions must have shape ({self.num_envs},), got {actions.shape}")
+        acts = [check_action(a, self.single_action_space.n, self.action_meanings) for a in actions]
+        noise = torch.stack([torch.randn(self.model.tokens_per_frame, self.model.token_dim, generator=g,
+                                         device=self.device) for g in self._torch_rngs])
+        out = self.model.sample_next(self._state, torch.tensor(acts), sampler=self.sampler, denoiser=self.denoiser,
+                                     temperature=self.temperature, noise=noise)
+        frames = out.frames.cpu().numpy()
+        rewards = out.reward.cpu().numpy().astype(np.float64)
+        terminated = (out.terminated > 0.5).cpu().numpy()
+        self._t += 1
+        truncated = self._t >= self.max_episode_steps
+        for i in np.flatnonzero(self._needs_reset):  # NEXT_STEP autoreset: this step starts a new episode
+            state, first = self._reset_row(int(i), None)
+            self._merge_row(int(i), state)
+            frames[i], rewards[i], terminated[i], truncated[i], self._t[i] = first.numpy(), 0.0, False, False, 0
+        self._needs_reset = terminated | truncated
+        self._frames = frames
+        infos = {"bits_per_dim": out.bits_per_dim.cpu().numpy(), "_bits_per_dim": np.ones(self.num_envs, bool),
+                 "terminated_prob": out.terminated.cpu().numpy(), "_terminated_prob": np.ones(self.num_envs, bool)}
+        return frames.copy(), rewards, terminated, truncated, infos
+
+    def render(self):
+        return None if self.render_mode is None or self._state is None else tuple(self._frames)
+
+
+def _concat_caches(a, b, guided: bool):
+    """Append b's rows to a's; with guidance each cache is [cond; null], kept in that order."""
+    out = a.select(slice(None))
+    for i in range(len(a.keys)):
+        if guided:
+            (ak, an), (bk, bn) = a.keys[i].chunk(2), b.keys[i].chunk(2)
+            (av, avn), (bv, bvn) = a.values[i].chunk(2), b.values[i].chunk(2)
+            out.keys[i], out.values[i] = torch.cat([ak, bk, an, bn]), torch.cat([av, bv, avn, bvn])
+        else:
+            out.keys[i], out.values[i] = torch.cat([a.keys[i], b.keys[i]]), torch.cat([a.values[i], b.values[i]])
+    return out

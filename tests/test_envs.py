@@ -1,0 +1,141 @@
+"""WorldFlow-v0: Gymnasium's checker, determinism, the native vector env, constant memory, bad input."""
+
+import shutil
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+import worldflow  # noqa: F401  (registers WorldFlow-v0)
+from worldflow.envs import WorldFlowEnv, WorldFlowVectorEnv
+from worldflow.pretrained import CONTEXTS
+from worldflow.world_model import WorldFlowModel
+
+
+@pytest.fixture(scope="module")
+def world(tiny_run):
+    return tiny_run[1]
+
+
+@pytest.fixture(scope="module")
+def endless_world(world, tmp_path_factory):
+    """The tiny world with its termination head pinned to 'never', so episodes end by truncation only
+    (an untrained head sits at p = 0.5, where batched and single float rounding can flip a decision)."""
+    out = tmp_path_factory.mktemp("endless") / "world"
+    model = WorldFlowModel.from_pretrained(world / "latest")
+    with torch.no_grad():
+        model.heads[-1].bias[3] = -20.0
+    model.save_pretrained(out)
+    shutil.copy(world / "latest" / CONTEXTS, out / CONTEXTS)
+    return out
+
+
+def test_gymnasium_env_checker_passes(world):
+    env = gym.make("WorldFlow-v0", checkpoint=str(world))
+    check_env(env.unwrapped)
+    assert env.observation_space == gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)
+    assert env.action_space == gym.spaces.Discrete(4) and env.metadata["render_fps"] > 0
+
+
+def test_same_seed_and_actions_give_identical_frames(world):
+    runs = []
+    for _ in range(2):
+        env = gym.make("WorldFlow-v0", checkpoint=str(world), render_mode="rgb_array")
+        obs, _ = env.reset(seed=42)
+        frames = [obs] + [env.step(a)[0] for a in (1, 2, 3, 0, 2)]
+        assert np.array_equal(env.render(), frames[-1])
+        runs.append(frames)
+    assert all(np.array_equal(a, b) for a, b in zip(*runs))
+    assert not np.array_equal(runs[0][1], runs[0][2])  # frames change between steps
+    other = gym.make("WorldFlow-v0", checkpoint=str(world))
+    other.reset(seed=43)
+    assert not np.array_equal(other.step(1)[0], runs[0][1])
+
+
+def test_step_info_reports_surprise_and_jacobi_iterations(world):
+    env = gym.make("WorldFlow-v0", checkpoint=str(world), sampler="sequential", denoiser="tweedie")
+    env.reset(seed=0)
+    _, reward, terminated, truncated, info = env.step(1)
+    assert reward in (-1.0, 0.0, 1.0) and isinstance(terminated, bool) and not truncated
+    assert np.isfinite(info["bits_per_dim"]) and info["jacobi_iterations"] >= 1
+
+
+def test_reset_from_given_real_frames(world):
+    env = gym.make("WorldFlow-v0", checkpoint=str(world))
+    frames = env.unwrapped.start_frames[3, :3].numpy()
+    obs, _ = env.reset(seed=0, options={"frames": frames, "actions": np.array([1, 2])})
+    assert np.array_equal(obs, frames[-1])
+    with pytest.raises(ValueError, match="options\\['actions'\\]"):
+        env.reset(options={"frames": frames, "actions": np.array([1, 9])})
+    with pytest.raises(ValueError, match="unknown reset option"):
+        env.reset(options={"frame": frames})
+
+
+def test_vector_env_is_native_and_matches_single_envs_frame_for_frame(endless_world):
+    vec = gym.make_vec("WorldFlow-v0", num_envs=3, checkpoint=str(endless_world), max_episode_steps=3)
+    assert isinstance(vec, WorldFlowVectorEnv) and vec.metadata["autoreset_mode"] == gym.vector.AutoresetMode.NEXT_STEP
+    singles = [gym.make("WorldFlow-v0", checkpoint=str(endless_world), max_episode_steps=3) for _ in range(3)]
+    obs, _ = vec.reset(seed=10)
+    ref = [env.reset(seed=10 + i)[0] for i, env in enumerate(singles)]
+    assert all(np.array_equal(obs[i], ref[i]) for i in range(3))
+    done, resets = np.zeros(3, bool), 0
+    for t in range(8):
+        actions = np.array([(t + i) % 4 for i in range(3)])
+        obs, rewards, terminated, truncated, _ = vec.step(actions)
+        for i, env in enumerate(singles):
+            if done[i]:  # NEXT_STEP autoreset: this step returned the new episode's first frame
+                expected, r, resets = env.reset()[0], 0.0, resets + 1
+            else:
+                expected, r, term, trunc, _ = env.step(int(actions[i]))
+                assert (term, trunc) == (terminated[i], truncated[i])
+            assert np.abs(obs[i].astype(int) - expected.astype(int)).max() <= 1  # batched float rounding
+            assert rewards[i] == r
+        done = terminated | truncated
+    assert resets == 6  # every sub-env truncated at step 3 and step 6 and was reset the step after
+
+
+def test_invalid_actions_raise_clear_errors(world):
+    env = gym.make("WorldFlow-v0", checkpoint=str(world))
+    env.reset(seed=0)
+    for bad, match in ((4, "out of range"), (-1, "out of range"), (1.0, "integer"), ("1", "integer"),
+                       (True, "integer"), (np.array([1, 2]), "integer")):
+        with pytest.raises(ValueError, match=match):
+            env.step(bad)
+    vec = WorldFlowVectorEnv(num_envs=2, checkpoint=str(world))
+    vec.reset(seed=0)
+    with pytest.raises(ValueError, match="shape"):
+        vec.step(np.array([1, 2, 3]))
+    with pytest.raises(ValueError, match="out of range"):
+        vec.step(np.array([1, 7]))
+
+
+def test_missing_or_corrupt_checkpoints_raise_clear_errors(world, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        gym.make("WorldFlow-v0", checkpoint=str(tmp_path / "nope"))
+    bad = tmp_path / "bad"
+    shutil.copytree(world / "latest", bad)
+    (bad / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="corrupt"):
+        gym.make("WorldFlow-v0", checkpoint=str(bad))
+    with pytest.raises(ValueError, match="sampler"):
+        gym.make("WorldFlow-v0", checkpoint=str(world), sampler="euler")
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4  # resident pages of 4 KiB
+
+
+def test_ten_thousand_steps_run_in_constant_memory(endless_world):
+    env = WorldFlowEnv(checkpoint=str(endless_world), max_episode_steps=10**9)
+    env.reset(seed=0)
+    cache_len = None
+    for t in range(1, 10_001):
+        env.step(t % 4)
+        if t == 1_000:
+            rss_1k, cache_len = _rss_kb(), env._state.cache.length
+    rss_10k = _rss_kb()
+    assert env._state.cache.length == cache_len
+    assert rss_10k - rss_1k < 20 * 1024, (rss_1k, rss_10k)  # under 20 MB of growth over 9,000 steps

@@ -1,0 +1,50 @@
+"""Worlds on disk: a checkpoint directory plus the real start contexts a dream begins from.
+
+    config.json, model.safetensors     the model (WorldFlowModel.save_pretrained)
+    start_contexts.safetensors         frames (M, K, S, S, 3) uint8 and actions (M, K-1) int64:
+                                       real clips that resets start from
+The embedded default world ships inside the package at worldflow/pretrained/default/.
+"""
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CONTEXTS = "start_contexts.safetensors"
+DEFAULT_WORLD = Path(__file__).parent / "pretrained" / "default"
+
+
+def resolve_world(path=None) -> Path:
+    """A run directory, a checkpoint directory, or None for the embedded default world."""
+    if path is None:
+        if not (DEFAULT_WORLD / "model.safetensors").exists():
+            raise FileNotFoundError(f"no default world is installed at {DEFAULT_WORLD}; "
+                                    "pass a checkpoint (a `worldflow train` run directory or its latest/)")
+        return DEFAULT_WORLD
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path / "latest" if (path / "latest" / "config.json").exists() else path
+
+
+def save_contexts(directory, frames: torch.Tensor, actions: torch.Tensor) -> None:
+    save_file({"frames": frames.contiguous(), "actions": actions.long().contiguous()}, Path(directory) / CONTEXTS)
+
+
+def load_world(path=None, device: str = "cpu"):
+    """-> (WorldFlowModel in eval mode, start frames (M, K, S, S, 3), start actions (M, K-1))."""
+    from .world_model import WorldFlowModel
+
+    path = resolve_world(path)
+    model = WorldFlowModel.from_pretrained(path).to(device).eval()
+    if not (path / CONTEXTS).exists():
+        raise FileNotFoundError(f"{path} has no {CONTEXTS}: a world needs real frames to start dreams from")
+    try:
+        ctx = load_file(path / CONTEXTS)
+        frames, actions = ctx["frames"], ctx["actions"]
+    except Exception as e:
+        raise ValueError(f"{path / CONTEXTS} is corrupt: {type(e).__name__}: {e}") from None
+    model.check_frames(frames, "start context frames")
+    model.check_actions(actions, frames.shape[0], frames.shape[1] - 1, "start context actions")
+    return model, frames, actions

@@ -4,9 +4,7 @@ import numpy as np
 import torch
 
 from worldflow.pretrained import load_world
-
-SAMPLERS = ("jacobi", "sequential")
-DENOISERS = ("flow-score", "tweedie", "none")
+from worldflow.world_model import DENOISERS, SAMPLERS
 
 
 def open_world(checkpoint, sampler: str, denoiser: str, device: str):

@@ -139,3 +139,17 @@ def test_ten_thousand_steps_run_in_constant_memory(endless_world):
     rss_10k = _rss_kb()
     assert env._state.cache.length == cache_len
     assert rss_10k - rss_1k < 20 * 1024, (rss_1k, rss_10k)  # under 20 MB of growth over 9,000 steps
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".gif"])
+def test_dream_writes_a_readable_video_with_every_frame(world, tmp_path, suffix):
+    from moviepy import VideoFileClip
+
+    from worldflow.cli import main
+
+    out = tmp_path / f"clip{suffix}"
+    assert main(["dream", str(world), "--steps", "14", "--out", str(out), "--seed", "1"]) == 0
+    clip = VideoFileClip(str(out))
+    n = sum(1 for _ in clip.iter_frames())
+    clip.close()
+    assert n == 15 and not list(tmp_path.glob(".*tmp*"))  # 1 start frame + 14 dreamed

@@ -25,6 +25,29 @@ def run_train(args) -> None:
     print(f"checkpoint: {checkpoint}")
 
 
+def run_dream(args) -> None:
+    import gymnasium as gym
+    from tqdm import tqdm
+
+    from .envs.video import write_video
+
+    env = gym.make("WorldFlow-v0", checkpoint=args.checkpoint, sampler=args.sampler, denoiser=args.denoiser,
+                   max_episode_steps=args.steps)
+    obs, _ = env.reset(seed=args.seed)
+    env.action_space.seed(args.seed)
+    frames, total, episodes, done = [obs], 0.0, 1, False
+    for _ in tqdm(range(args.steps), desc="dream", unit="frame"):
+        if done:  # the dreamed episode ended: the next frame starts a new one from a real context
+            (obs, _), episodes = env.reset(), episodes + 1
+        else:
+            obs, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+            total += reward
+            done = terminated or truncated
+        frames.append(obs)
+    write_video(frames, args.out, fps=env.metadata["render_fps"])
+    print(f"{args.out}: {len(frames)} frames, {episodes} episode(s), predicted return {total:+.0f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="worldflow", description="WorldFlow: a learned simulator "
                                      "built on autoregressive normalizing flows.")
@@ -47,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset directory from `worldflow collect`")
     p.add_argument("--out", required=True, help="run directory")
     p.set_defaults(handler=run_train)
+
+    p = sub.add_parser("dream", help="roll out the world model under a policy and write mp4/gif")
+    p.add_argument("checkpoint", nargs="?", default=None, help="run or checkpoint dir (default: the embedded world)")
+    p.add_argument("--steps", type=int, default=200, help="frames after the first (ended episodes restart)")
+    p.add_argument("--out", required=True, help="clip.mp4 or clip.gif")
+    p.add_argument("--policy", choices=["random"], default="random")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", choices=["jacobi", "sequential"], default="jacobi")
+    p.add_argument("--denoiser", choices=["flow-score", "tweedie", "none"], default="flow-score")
+    p.set_defaults(handler=run_dream)
     return parser
 
 
@@ -56,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command in ("dream",):
+        import worldflow  # noqa: F401  (registers WorldFlow-v0)
     try:
         return args.handler(args) or 0
     except (ValueError, FileNotFoundError) as e:  # bad input: say what, not where in torch

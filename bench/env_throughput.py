@@ -1,0 +1,123 @@
+"""Dream throughput: frames/s at batch 1 and 64, Jacobi vs sequential, each denoiser; model FLOPs per
+frame and the fraction of this machine's matmul peak (measured in the same run); and the real ALE
+environment's steps/s with the same preprocessing.
+
+    python bench/env_throughput.py [--checkpoint RUN_OR_CKPT] [--config configs/breakout.yaml]
+
+Without a checkpoint (and with no default world installed) it times a freshly initialised model of
+the config: its flow is near the identity, so Jacobi converges in ~1 sweep and its speed is
+flattered. The table says which was measured.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from worldflow.collect import make_env, resize_frames, write_json_atomic
+from worldflow.config import load_config
+from worldflow.pretrained import DEFAULT_WORLD, load_world
+from worldflow.world_model import WorldFlowConfig, WorldFlowModel
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def fresh_model(config_path: str):
+    cfg = load_config(config_path)
+    model = WorldFlowModel(WorldFlowConfig(frame_size=64, num_actions=4, **cfg.to_dict()["model"])).eval()
+    frames = torch.randint(0, 255, (4, cfg.model.context_frames, 64, 64, 3), dtype=torch.uint8)
+    return model, frames, torch.randint(0, 4, (4, cfg.model.context_frames - 1))
+
+
+def time_dream(model, frames, actions, batch, sampler, denoiser, steps):
+    reps = (batch + len(frames) - 1) // len(frames)
+    f, a = frames.repeat(reps, 1, 1, 1, 1)[:batch], actions.repeat(reps, 1)[:batch]
+    g = torch.Generator().manual_seed(0)
+    state = model.start(f, a, g)
+    act = torch.randint(0, model.config.num_actions, (steps + 1, batch), generator=g)
+    model.sample_next(state, act[0], g, sampler, denoiser)  # warm-up
+    iters, t0 = [], time.perf_counter()
+    for i in range(steps):
+        iters.append(model.sample_next(state, act[i + 1], g, sampler, denoiser).iterations)
+    dt = time.perf_counter() - t0
+    return batch * steps / dt, sum(iters) / len(iters)
+
+
+def flops_per_frame(model, frames, actions, sampler, denoiser) -> float:
+    state = model.start(frames[:1], actions[:1], torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        model.sample_next(state, torch.tensor([0]), torch.Generator().manual_seed(1), sampler, denoiser)
+    return counter.get_total_flops()
+
+
+def ale_steps_per_s(env_id: str, steps: int = 1000) -> float:
+    env = make_env(env_id)
+    env.reset(seed=0)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        obs, _, term, trunc, _ = env.step(env.action_space.sample())
+        resize_frames(obs, 64)
+        if term or trunc:
+            env.reset()
+    return steps / (time.perf_counter() - t0)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--config", default="configs/breakout.yaml", help="used when no checkpoint exists")
+    parser.add_argument("--steps", type=int, default=20, help="timed dream steps per row at batch 1")
+    parser.add_argument("--env", default="ALE/Breakout-v5")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "env_throughput.json"))
+    args = parser.parse_args()
+
+    if args.checkpoint or (DEFAULT_WORLD / "model.safetensors").exists():
+        model, frames, actions = load_world(args.checkpoint)
+        source = str(args.checkpoint or DEFAULT_WORLD)
+    else:
+        model, frames, actions = fresh_model(args.config)
+        source = f"UNTRAINED {args.config} (Jacobi flattered: near-identity flow)"
+    model.requires_grad_(False)  # inference only (and FlopCounterMode's module hooks need it)
+    peak = matmul_peak_gflops()
+    print(f"model: {source}; {model.tokens_per_frame} tokens/frame; threads {torch.get_num_threads()}; "
+          f"2048^2 fp32 matmul peak {peak:.0f} GFLOP/s")
+    rows = []
+    print(f"{'batch':>5} {'sampler':>10} {'denoiser':>10} {'frames/s':>9} {'sweeps':>7} {'GFLOP/frame':>12} {'% peak':>7}")
+    flops = {(s, d): flops_per_frame(model, frames, actions, s, d) for s in ("jacobi", "sequential")
+             for d in ("flow-score", "none")}
+    for batch in (1, 64):
+        for sampler in ("jacobi", "sequential"):
+            for denoiser in ("flow-score", "tweedie", "none"):
+                steps = args.steps if batch == 1 else max(2, args.steps // 10)
+                fps, sweeps = time_dream(model, frames, actions, batch, sampler, denoiser, steps)
+                fl = flops.get((sampler, denoiser), float("nan"))  # tweedie's autograd is not counted
+                row = dict(batch=batch, sampler=sampler, denoiser=denoiser, frames_per_s=fps, jacobi_sweeps=sweeps,
+                           gflop_per_frame=fl / 1e9, fraction_of_peak=fl * fps / (peak * 1e9))
+                rows.append(row)
+                print(f"{batch:>5} {sampler:>10} {denoiser:>10} {fps:>9.1f} {sweeps:>7.1f} {fl / 1e9:>12.3f} "
+                      f"{100 * row['fraction_of_peak']:>6.1f}%")
+    ale = ale_steps_per_s(args.env)
+    print(f"real {args.env} with 64x64 preprocessing: {ale:.0f} steps/s")
+    speedups = {f"batch{b}_{d}": next(r["frames_per_s"] for r in rows if r["batch"] == b and r["sampler"] == "jacobi"
+                                      and r["denoiser"] == d) /
+                next(r["frames_per_s"] for r in rows if r["batch"] == b and r["sampler"] == "sequential"
+                     and r["denoiser"] == d) for b in (1, 64) for d in ("flow-score", "none")}
+    print("Jacobi / sequential speedup: " + ", ".join(f"{k} {v:.1f}x" for k, v in speedups.items()))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(args.out), dict(model=source, matmul_peak_gflops=peak, rows=rows,
+                                           ale_steps_per_s=ale, jacobi_speedup=speedups,
+                                           threads=torch.get_num_threads()))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

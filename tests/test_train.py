@@ -2,17 +2,19 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TINY
 from worldflow.cli import main
 from worldflow.config import config_from_dict, load_config
 from worldflow.data import ClipDataset
 from worldflow.train import Trainer, build_model
 from worldflow.world_model import WorldFlowModel
+
+TINY = str(Path(__file__).parent.parent / "configs" / "tiny.yaml")
 
 
 def test_cli_trains_and_writes_metrics(breakout_data, tmp_path, capsys):

@@ -54,21 +54,17 @@ class WorldFlowVectorEnv(gym.vector.VectorEnv):
             self._rngs = [seeding.np_random(s)[0] for s in seeds]
         self._torch_rngs = [None] * self.num_envs
         rows = [self._reset_row(i, options) for i in range(self.num_envs)]
-        self._state = rows[0][0]
-        for i, (state, _) in enumerate(rows[1:], start=1):
-            self._merge_row(i, state)
+        states = [state for state, _ in rows]
+        self._state = states[0]
+        self._state.cache = _concat_caches([s.cache for s in states], self.guidance is not None)
+        self._state.last_solution = torch.cat([s.last_solution for s in states])
+        self._state.last_noisy = torch.cat([s.last_noisy for s in states])
         self._frames = torch.stack([f for _, f in rows]).numpy()
         self._t = np.zeros(self.num_envs, dtype=np.int64)
         self._needs_reset = np.zeros(self.num_envs, dtype=bool)
         return self._frames.copy(), {}
 
-    def _merge_row(self, i: int, state) -> None:
-        if i == self._state.last_solution.shape[0]:  # building the batch up row by row
-            s = self._state
-            s.cache = _concat_caches(s.cache, state.cache, self.guidance is not None)
-            s.last_solution = torch.cat([s.last_solution, state.last_solution])
-            s.last_noisy = torch.cat([s.last_noisy, state.last_noisy])
-            return
+    def _replace_row(self, i: int, state) -> None:
         rows = [i, i + self.num_envs] if self.guidance is not None else [i]  # [cond; null] halves
         self._state.cache.set_rows(torch.tensor(rows), state.cache)
         self._state.last_solution[i], self._state.last_noisy[i] = state.last_solution[0], state.last_noisy[0]
@@ -91,7 +87,7 @@ class WorldFlowVectorEnv(gym.vector.VectorEnv):
         truncated = self._t >= self.max_episode_steps
         for i in np.flatnonzero(self._needs_reset):  # NEXT_STEP autoreset: this step starts a new episode
             state, first = self._reset_row(int(i), None)
-            self._merge_row(int(i), state)
+            self._replace_row(int(i), state)
             frames[i], rewards[i], terminated[i], truncated[i], self._t[i] = first.numpy(), 0.0, False, False, 0
         self._needs_reset = terminated | truncated
         self._frames = frames
@@ -103,14 +99,14 @@ class WorldFlowVectorEnv(gym.vector.VectorEnv):
         return None if self.render_mode is None or self._state is None else tuple(self._frames)
 
 
-def _concat_caches(a, b, guided: bool):
-    """Append b's rows to a's; with guidance each cache is [cond; null], kept in that order."""
-    out = a.select(slice(None))
-    for i in range(len(a.keys)):
-        if guided:
-            (ak, an), (bk, bn) = a.keys[i].chunk(2), b.keys[i].chunk(2)
-            (av, avn), (bv, bvn) = a.values[i].chunk(2), b.values[i].chunk(2)
-            out.keys[i], out.values[i] = torch.cat([ak, bk, an, bn]), torch.cat([av, bv, avn, bvn])
-        else:
-            out.keys[i], out.values[i] = torch.cat([a.keys[i], b.keys[i]]), torch.cat([a.values[i], b.values[i]])
+def _concat_caches(caches, guided: bool):
+    """One cache holding every given cache's rows; with guidance each is [cond; null] and so is the result."""
+    out = caches[0].select(slice(None))
+    for i in range(len(out.keys)):
+        for name in ("keys", "values"):
+            parts = [getattr(c, name)[i] for c in caches]
+            if guided:
+                halves = [p.chunk(2) for p in parts]
+                parts = [h[0] for h in halves] + [h[1] for h in halves]
+            getattr(out, name)[i] = torch.cat(parts)
     return out

@@ -153,3 +153,15 @@ def test_dream_writes_a_readable_video_with_every_frame(world, tmp_path, suffix)
     n = sum(1 for _ in clip.iter_frames())
     clip.close()
     assert n == 15 and not list(tmp_path.glob(".*tmp*"))  # 1 start frame + 14 dreamed
+
+
+def test_guided_vector_env_matches_guided_single_env(endless_world):
+    vec = WorldFlowVectorEnv(num_envs=2, checkpoint=str(endless_world), guidance=1.5, max_episode_steps=2)
+    single = WorldFlowEnv(checkpoint=str(endless_world), guidance=1.5, max_episode_steps=2)
+    vec.reset(seed=7)
+    single.reset(seed=8)  # sub-env 1
+    for t, expected_reset in enumerate([False, False, True, False]):
+        obs = vec.step(np.array([2, 2]))[0]
+        ref = single.reset()[0] if expected_reset else single.step(2)[0]
+        assert np.abs(obs[1].astype(int) - ref.astype(int)).max() <= 1, t
+    assert vec._state.cache.keys[0].shape[0] == 4  # [cond; null] rows for 2 envs

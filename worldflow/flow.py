@@ -64,6 +64,11 @@ def guided_affine(mu_c, s_c, mu_u, s_u, w: float):
     return ((1 + w) * mu_c - w * r * mu_u) / denom, s_c / denom.sqrt()
 
 
+def gaussian_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I) in nats, summed over all but the batch dimension: (B,)."""
+    return -0.5 * (z.pow(2) + math.log(2 * math.pi)).flatten(1).sum(1)
+
+
 def add_noise(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Noise augmentation: the flow models x + sigma * eps, which keeps its density smooth."""
     if sigma == 0:
@@ -325,8 +330,7 @@ class TARFlow(nn.Module):
     def log_prob(self, x, cond=None) -> torch.Tensor:
         """Exact log-density in nats per sample, (B,)."""
         z, logdet = self(x, cond)
-        prior = -0.5 * (z.pow(2) + math.log(2 * math.pi)).reshape(z.shape[0], -1).sum(dim=1)
-        return prior + logdet
+        return gaussian_log_prob(z) + logdet
 
     def bits_per_dim(self, x, cond=None) -> torch.Tensor:
         return -self.log_prob(x, cond) / (x[0].numel() * math.log(2))

@@ -26,7 +26,7 @@ from transformers.utils import logging as hf_logging
 from .autoencoder import Autoencoder, to_frames, to_pixels
 from .config import ModelConfig
 from .denoiser import FrameDenoiser
-from .flow import TARFlowBlock, add_noise
+from .flow import TARFlowBlock, add_noise, gaussian_log_prob
 from .transformer import KVCache
 
 hf_logging.disable_progress_bar()
@@ -180,7 +180,7 @@ class WorldFlowModel(PreTrainedModel):
         generator = generator or torch.Generator(device=self.device).manual_seed(0)
         noisy = add_noise(self.frames_to_latents(frames), self.config.noise_sigma, generator)
         z, logdet, _ = self.flow_forward(self.to_tokens(noisy), self.frame_conditions(actions.to(self.device)))
-        return -0.5 * (z.pow(2) + math.log(2 * math.pi)).flatten(1).sum(1) + logdet
+        return gaussian_log_prob(z) + logdet
 
     def bits_per_dim(self, frames, actions, generator=None) -> torch.Tensor:
         """Latent bits/dim (per clip): -log p / (latent dims * ln 2). Not pixel bits/dim."""
@@ -278,7 +278,7 @@ class WorldFlowModel(PreTrainedModel):
                 tokens, ld = block(tokens)
                 logdet = logdet + ld
             z, ld, _ = self.deep.forward_frame(tokens[:, 0], past, cond, commit=False)
-            log_p = -0.5 * z.pow(2).flatten(1).sum(1) + logdet + ld
+            log_p = gaussian_log_prob(z) + logdet + ld
             (score,) = torch.autograd.grad(log_p.sum(), x)
         return noisy + self.config.noise_sigma**2 * score
 
@@ -316,7 +316,7 @@ class WorldFlowModel(PreTrainedModel):
         else:
             clean = noisy
         logits = self.heads(deep.hidden)
-        log_p = -0.5 * (z.pow(2) + math.log(2 * math.pi)).flatten(1).sum(1) + logdet
+        log_p = gaussian_log_prob(z) + logdet
         state.frames += 1
         state.last_solution, state.last_noisy = deep.x, noisy
         if state.frames > self.config.context_frames:  # slide the window: constant memory per step

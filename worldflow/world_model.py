@@ -49,9 +49,8 @@ class WorldFlowConfig(PretrainedConfig):
 
 @dataclass
 class WorldState:
-    """The simulator's state: the deep block's KV cache over the last frames, plus warm starts."""
+    """The simulator's state: the deep block's KV cache over the last context_frames frames, plus warm starts."""
     cache: KVCache
-    frames: int  # frames held in the cache
     last_solution: torch.Tensor  # (B, N, D) deep-block input of the last frame: Jacobi's warm start
     last_noisy: torch.Tensor  # (B, C, h, w) last noisy latent grid: the denoiser's context
     guidance: float | None
@@ -267,7 +266,7 @@ class WorldFlowModel(PreTrainedModel):
         for t in range(W):
             x, c = self._both_branches(tokens[:, t], cond[:, t], guidance)
             self.deep.forward_frame(x, cache, c)
-        return WorldState(cache, W, tokens[:, -1], noisy[:, -1], guidance)
+        return WorldState(cache, tokens[:, -1], noisy[:, -1], guidance)
 
     def _tweedie(self, noisy: torch.Tensor, past: KVCache, cond: torch.Tensor) -> torch.Tensor:
         """Exact reference: x~ + sigma^2 * grad log p(x~_t | past, action), by autograd through the flow."""
@@ -317,11 +316,8 @@ class WorldFlowModel(PreTrainedModel):
             clean = noisy
         logits = self.heads(deep.hidden)
         log_p = gaussian_log_prob(z) + logdet
-        state.frames += 1
         state.last_solution, state.last_noisy = deep.x, noisy
-        if state.frames > self.config.context_frames:  # slide the window: constant memory per step
-            state.cache.slide((state.frames - self.config.context_frames) * (self.tokens_per_frame + 1))
-            state.frames = self.config.context_frames
+        state.cache.slide(self.tokens_per_frame + 1)  # the window is always full: drop its oldest frame
         return Step(frames=self.latents_to_frames(clean), reward=logits[:, :3].argmax(-1) - 1,
                     terminated=torch.sigmoid(logits[:, 3]),
                     bits_per_dim=-log_p / (self.tokens_per_frame * self.token_dim * math.log(2)),

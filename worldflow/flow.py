@@ -112,6 +112,11 @@ class TARFlowBlock(nn.Module):
             cond = cond.flip(1)
         return start + self.cond_embed(cond)
 
+    def _branch_starts(self, cond, B: int, T: int, guidance) -> torch.Tensor:
+        """Start tokens for inversion: (B, T, W), or [cond; null] rows (2B, T, W) under guidance."""
+        start = self._start_tokens(cond, B, T)
+        return start if guidance is None else torch.cat([start, self._start_tokens(None, B, T)])
+
     def _to_noise(self, xp, h):
         """z = (x - mu) / s from the transformer outputs h (..., N+1, W); logdet summed over tokens (...)."""
         mu, s = self._affine(h[..., :-1, :])
@@ -199,7 +204,7 @@ class TARFlowBlock(nn.Module):
         """Invert one frame in this block's token order, given everything before it in `cache`.
 
         z (B, N, D); start (B or 2B, W). Appends the frame's N+1 tokens to the cache.
-        Returns x (B, N, D), the hidden state after the frame (B, W), iterations used, logdet (B,).
+        Returns Inversion(x (B, N, D), sweeps used, logdet (B,), hidden state after the frame (B, W)).
         """
         B, N, _ = z.shape
         if method == "sequential":
@@ -257,9 +262,7 @@ class TARFlowBlock(nn.Module):
                 init = init[:, None].expand(B, T, N, D).reshape(B * T, N, D)
         zp = self._permute(z)
         b, t = zp.shape[:2]
-        start = self._start_tokens(cond, b, t)
-        if guidance is not None:
-            start = torch.cat([start, self._start_tokens(None, b, t)])
+        start = self._branch_starts(cond, b, t, guidance)
         cache = self.transformer.new_cache()
         guess = None if init is None else self._permute(init[:, None])[:, 0]
         xs, iters, logdet = [], [], 0.0
@@ -291,9 +294,7 @@ class TARFlowBlock(nn.Module):
         if self.local or self.order == "reverse":
             raise ValueError("invert_frame streams frames through a non-local block in frame order")
         self._check_inverse_args(z[:, None], None if cond is None else cond[:, None], guidance)
-        start = self._start_tokens(None if cond is None else cond[:, None], z.shape[0], 1)[:, 0]
-        if guidance is not None:
-            start = torch.cat([start, self._start_tokens(None, z.shape[0], 1)[:, 0]])
+        start = self._branch_starts(None if cond is None else cond[:, None], z.shape[0], 1, guidance)[:, 0]
         if self.order == "reverse_within_frame":
             out = self._solve_frame(z.flip(1), start, cache, method, None if init is None else init.flip(1),
                                     guidance, tol, max_iters)

@@ -7,13 +7,23 @@ from worldflow.pretrained import load_world
 from worldflow.world_model import DENOISERS, SAMPLERS
 
 
-def open_world(checkpoint, sampler: str, denoiser: str, device: str):
-    """Load a world and check the sampling options: -> (model, start frames, start actions)."""
+def open_world(checkpoint, sampler: str, denoiser: str, context_frames: int | None, max_episode_steps: int,
+               device: str):
+    """Load a world and check the env options.
+
+    -> (model, start frames, start actions, real context frames a reset uses: all shipped ones by default).
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if denoiser not in DENOISERS:
         raise ValueError(f"denoiser must be one of {DENOISERS}, got {denoiser!r}")
-    return load_world(checkpoint, device)
+    if max_episode_steps < 1:
+        raise ValueError(f"max_episode_steps must be at least 1, got {max_episode_steps}")
+    model, frames, actions = load_world(checkpoint, device)
+    shipped = frames.shape[1]
+    if context_frames is not None and not 1 <= context_frames <= shipped:
+        raise ValueError(f"context_frames must be in [1, {shipped}], got {context_frames}")
+    return model, frames, actions, context_frames or shipped
 
 
 def torch_generator(np_random: np.random.Generator, device: str = "cpu") -> torch.Generator:

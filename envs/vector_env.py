@@ -25,10 +25,12 @@ class WorldFlowVectorEnv(gym.vector.VectorEnv):
                  context_frames: int | None = None, max_episode_steps: int = 1000, device: str = "cpu"):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"the vector env renders only 'rgb_array', got {render_mode!r}")
-        self.model, self.start_frames, self.start_actions = open_world(checkpoint, sampler, denoiser, device)
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be at least 1, got {num_envs}")
+        self.model, self.start_frames, self.start_actions, self.context_frames = open_world(
+            checkpoint, sampler, denoiser, context_frames, max_episode_steps, device)
         cfg = self.model.config
         self.num_envs, self.render_mode = num_envs, render_mode
-        self.context_frames = context_frames or self.start_frames.shape[1]
         self.sampler, self.denoiser, self.temperature, self.guidance = sampler, denoiser, temperature, guidance
         self.max_episode_steps, self.device = max_episode_steps, device
         self.action_meanings = list(cfg.action_meanings)

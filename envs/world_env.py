@@ -21,11 +21,9 @@ class WorldFlowEnv(gym.Env):
                  context_frames: int | None = None, max_episode_steps: int = 1000, device: str = "cpu"):
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
-        self.model, self.start_frames, self.start_actions = open_world(checkpoint, sampler, denoiser, device)
+        self.model, self.start_frames, self.start_actions, self.context_frames = open_world(
+            checkpoint, sampler, denoiser, context_frames, max_episode_steps, device)
         cfg = self.model.config
-        if context_frames is not None and not 1 <= context_frames <= self.start_frames.shape[1]:
-            raise ValueError(f"context_frames must be in [1, {self.start_frames.shape[1]}], got {context_frames}")
-        self.context_frames = context_frames or self.start_frames.shape[1]
         self.sampler, self.denoiser, self.temperature, self.guidance = sampler, denoiser, temperature, guidance
         self.max_episode_steps, self.render_mode = max_episode_steps, render_mode
         self.action_meanings = list(cfg.action_meanings)

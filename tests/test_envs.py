@@ -121,6 +121,11 @@ def test_missing_or_corrupt_checkpoints_raise_clear_errors(world, tmp_path):
         gym.make("WorldFlow-v0", checkpoint=str(bad))
     with pytest.raises(ValueError, match="sampler"):
         gym.make("WorldFlow-v0", checkpoint=str(world), sampler="euler")
+    for make in (WorldFlowEnv, WorldFlowVectorEnv):  # both envs check their options the same way
+        with pytest.raises(ValueError, match="context_frames"):
+            make(checkpoint=str(world), context_frames=99)
+        with pytest.raises(ValueError, match="max_episode_steps"):
+            make(checkpoint=str(world), max_episode_steps=0)
 
 
 def _rss_kb() -> int:

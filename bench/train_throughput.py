@@ -6,7 +6,6 @@ Collects a small real dataset first (ALE Breakout by default), then times steps 
 """
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from worldflow.config import load_config
 from worldflow.train import Trainer
 
 
-def time_steps(trainer: Trainer, step_fn, n: int, warmup: int = 2) -> float:
+def time_steps(step_fn, n: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         step_fn()
     t0 = time.perf_counter()
@@ -40,10 +39,10 @@ def main():
         collect(args.env, 1500, f"{tmp}/data", progress=False)
         trainer = Trainer(cfg, f"{tmp}/data", f"{tmp}/run")
         trainer.model.train()
-        ae_s = time_steps(trainer, trainer.ae_step, args.steps)
+        ae_s = time_steps(trainer.ae_step, args.steps)
         trainer.step = cfg.train.ae_steps
         trainer.fit_latent_stats()
-        flow_s = time_steps(trainer, trainer.flow_step, args.steps)
+        flow_s = time_steps(trainer.flow_step, args.steps)
     m, t = trainer.model, cfg.train
     n_params = {name: sum(p.numel() for p in getattr(m, name).parameters()) for name in ("ae", "shallow", "deep", "denoiser")}
     tokens = t.batch_size * t.clip_frames * (m.tokens_per_frame + 1)

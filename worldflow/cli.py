@@ -89,8 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command in ("dream",):
-        import worldflow  # noqa: F401  (registers WorldFlow-v0)
     try:
         return args.handler(args) or 0
     except (ValueError, FileNotFoundError) as e:  # bad input: say what, not where in torch

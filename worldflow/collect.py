@@ -11,7 +11,6 @@ so readers never see half an episode; a stopped collection resumes at the next e
 
 import json
 import os
-import time
 from pathlib import Path
 
 import gymnasium as gym

@@ -170,3 +170,15 @@ def test_guided_vector_env_matches_guided_single_env(endless_world):
         ref = single.reset()[0] if expected_reset else single.step(2)[0]
         assert np.abs(obs[1].astype(int) - ref.astype(int)).max() <= 1, t
     assert vec._state.cache.keys[0].shape[0] == 4  # [cond; null] rows for 2 envs
+
+
+def test_embedded_default_world_loads_with_no_arguments():
+    from worldflow.pretrained import DEFAULT_WORLD
+
+    assert sum(p.stat().st_size for p in DEFAULT_WORLD.iterdir()) < 30 * 2**20  # ships inside the package
+    env = gym.make("WorldFlow-v0")
+    assert env.unwrapped.model.config.env_id == "ALE/Breakout-v5"
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (64, 64, 3) and obs.std() > 1
+    frame, reward, terminated, truncated, info = env.step(1)
+    assert frame.shape == (64, 64, 3) and np.isfinite(info["bits_per_dim"])

@@ -48,6 +48,33 @@ def run_dream(args) -> None:
     print(f"{args.out}: {len(frames)} frames, {episodes} episode(s), predicted return {total:+.0f}")
 
 
+def run_eval(args) -> None:
+    import json
+    from pathlib import Path
+
+    from .collect import collect, write_json_atomic
+    from .evaluate import FRESH_SEED_OFFSET, evaluate
+    from .pretrained import load_world, resolve_world
+    from .report import plot_psnr, plot_strip, table
+
+    model = load_world(args.checkpoint)[0]
+    out = Path(args.json)
+    data, split = args.data, "val"
+    if data is None:  # fresh episodes of the world's own real game: all of them are held out
+        data, split = out.with_name(f"{out.stem}_data"), "all"
+        collect(model.config.env_id, args.collect_steps, str(data), size=model.config.frame_size,
+                seed=FRESH_SEED_OFFSET + args.seed)
+    result, strip = evaluate(model, data, split, args.horizon, args.clips, args.seed, args.temperature,
+                             args.sampler, args.windows)
+    plots = dict(psnr_plot=out.with_name(f"{out.stem}_psnr.png"), strip=out.with_name(f"{out.stem}_strip.png"))
+    plot_psnr(result, plots["psnr_plot"])
+    plot_strip(strip, plots["strip"])
+    result.update(checkpoint=str(resolve_world(args.checkpoint)), data=str(data), **{k: str(v) for k, v in plots.items()})
+    write_json_atomic(out, result)
+    print(table(result))
+    print(json.dumps(result))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="worldflow", description="WorldFlow: a learned simulator "
                                      "built on autoregressive normalizing flows.")
@@ -70,6 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset directory from `worldflow collect`")
     p.add_argument("--out", required=True, help="run directory")
     p.set_defaults(handler=run_train)
+
+    p = sub.add_parser("eval", help="measure a world on real held-out episodes: bits/dim, open-loop PSNR/SSIM, heads")
+    p.add_argument("checkpoint", nargs="?", default=None, help="run or checkpoint dir (default: the embedded world)")
+    p.add_argument("--data", default=None, help="dataset dir (its held-out episodes are used); default: "
+                   "collect fresh episodes of the world's own game next to --json")
+    p.add_argument("--horizon", type=int, default=16, help="open-loop dream steps compared with the real ones")
+    p.add_argument("--clips", type=int, default=32, help="real clips dreamed from, as one batch")
+    p.add_argument("--windows", type=int, default=256, help="real windows scored for bits/dim and the heads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0, help="scale of the sampling noise")
+    p.add_argument("--sampler", choices=["jacobi", "sequential"], default="jacobi")
+    p.add_argument("--collect-steps", type=int, default=5000, help="real steps collected when --data is not given")
+    p.add_argument("--json", default="eval.json", help="result file; the plots are written beside it")
+    p.set_defaults(handler=run_eval)
 
     p = sub.add_parser("dream", help="roll out the world model under a policy and write mp4/gif")
     p.add_argument("checkpoint", nargs="?", default=None, help="run or checkpoint dir (default: the embedded world)")

@@ -24,27 +24,31 @@ def is_held_out(shard: Path, val_fraction: float) -> bool:
 
 
 class ClipDataset(Dataset):
-    """Every window of `clip_frames` consecutive frames inside one episode of the chosen split.
+    """Windows of `clip_frames` consecutive frames inside one episode of the chosen split, starting
+    every `stride` frames (1: every window; clip_frames: windows that do not overlap).
+
+    split "train" / "val" divide the episodes by `is_held_out`; "all" takes every episode (data
+    collected fresh for an evaluation is held out as a whole).
 
     Item: frames (T, S, S, 3) uint8, actions (T-1,) long, rewards (T-1,) float, terminated (T-1,) bool;
     actions[i] leads from frames[i] to frames[i+1].
     """
 
-    def __init__(self, root, clip_frames: int, split: str = "train", val_fraction: float = 0.1):
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    def __init__(self, root, clip_frames: int, split: str = "train", val_fraction: float = 0.1, stride: int = 1):
+        if split not in ("train", "val", "all"):
+            raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
         self.manifest = load_manifest(root)
         shards = shard_paths(root)
         held_out = [p for p in shards if is_held_out(p, val_fraction)]
         if not held_out and len(shards) > 1 and val_fraction > 0:
             held_out = shards[-1:]  # tiny datasets still get one held-out episode
-        chosen = held_out if split == "val" else [p for p in shards if p not in held_out]
+        chosen = dict(train=[p for p in shards if p not in held_out], val=held_out, all=shards)[split]
         self.episodes = []
         for path in chosen:
             with np.load(path) as shard:
                 self.episodes.append({k: shard[k] for k in ("frames", "actions", "rewards", "terminated")})
         # (episode, start) of every clip that fits inside its episode
-        self.index = [(e, s) for e, ep in enumerate(self.episodes) for s in range(len(ep["frames"]) - clip_frames + 1)]
+        self.index = [(e, s) for e, ep in enumerate(self.episodes) for s in range(0, len(ep["frames"]) - clip_frames + 1, stride)]
         if not self.index:
             raise ValueError(f"no {split} episode in {root} has {clip_frames} frames "
                              f"({len(chosen)} episodes): collect more steps or shorten clip_frames")

@@ -193,6 +193,7 @@ class WorldFlowModel(PreTrainedModel):
         tokens = self.to_tokens(self.frames_to_latents(frames))
         return self.flow_forward(tokens, self.frame_conditions(actions.to(self.device)))[0]
 
+    @torch.no_grad()
     def flow_inverse(self, z: torch.Tensor, cond: torch.Tensor, sampler: str = "jacobi", tol: float = 1e-3):
         """z (B, T, N, D) -> tokens: deep block frame by frame, then all frames' shallow blocks as one batch."""
         tokens = self.deep.inverse(z, cond, method=sampler, tol=tol).x
@@ -200,6 +201,7 @@ class WorldFlowModel(PreTrainedModel):
             tokens = block.inverse(tokens, method=sampler, tol=tol).x
         return tokens
 
+    @torch.no_grad()
     def decode(self, z: torch.Tensor, actions: torch.Tensor, sampler: str = "jacobi", tol: float = 1e-3):
         """Noise z (B, T, N, D) under `actions` (B, T-1) -> frames uint8 (B, T, S, S, 3)."""
         self.check_actions(actions, z.shape[0], z.shape[1] - 1)

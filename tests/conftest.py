@@ -32,3 +32,14 @@ def tiny_run(breakout_data, tmp_path_factory):
     trainer = Trainer(load_config(TINY), str(breakout_data), str(out))
     trainer.run(progress=False)
     return trainer, out
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One small local Ray instance shared by every test that scales out (started once: ~4 s)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20,
+             _temp_dir="/tmp/wf-ray")  # a short path: Ray's Unix sockets allow 107 bytes
+    yield ray
+    ray.shutdown()

@@ -77,14 +77,8 @@ def test_resuming_into_a_different_collection_is_refused(breakout_data):
         collect("ALE/Pong-v5", 10, str(breakout_data), progress=False)
 
 
-def test_ray_workers_each_fill_their_own_shards(tmp_path):
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20,
-             _temp_dir="/tmp/wf-ray")
-    try:
-        collect("ALE/Breakout-v5", 300, str(tmp_path / "d"), seed=1, workers=2, progress=False)
-    finally:
-        ray.shutdown()
+def test_ray_workers_each_fill_their_own_shards(tmp_path, ray_local):
+    collect("ALE/Breakout-v5", 300, str(tmp_path / "d"), seed=1, workers=2, progress=False)
     shards = shard_paths(tmp_path / "d")
     assert {p.name[:3] for p in shards} == {"w00", "w01"}
     assert sum(shard_steps(p) for p in shards) == 300

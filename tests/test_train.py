@@ -101,3 +101,14 @@ def test_a_few_hundred_steps_lower_held_out_bits_per_dim(breakout_data, tmp_path
         before = fresh.bits_per_dim(frames, actions).mean().item()
         after = trained.bits_per_dim(frames, actions).mean().item()
     assert after < before - 0.05, (before, after)
+
+
+def test_ray_train_with_two_workers_gives_a_loadable_checkpoint(breakout_data, tmp_path, ray_local):
+    out = tmp_path / "ray_run"
+    assert main(["train", "--config", TINY, "--data", str(breakout_data), "--out", str(out), "--ray-workers", "2"]) == 0
+    assert json.loads((out / "latest" / "trainer.json").read_text())["step"] == 10
+    model = WorldFlowModel.from_pretrained(out / "latest")
+    init = build_model(load_config(TINY), json.loads((out / "manifest.json").read_text()))
+    trained, fresh = model.state_dict(), init.state_dict()
+    assert any(not torch.equal(trained[k], fresh[k]) for k in fresh)  # the workers' updates reached rank 0
+    assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 5  # one writer: rank 0

@@ -21,7 +21,10 @@ def run_train(args) -> None:
     from .config import load_config
     from .train import train
 
-    checkpoint = train(load_config(args.config), args.data, args.out)
+    if args.ray_workers < 0:
+        raise ValueError(f"--ray-workers must be 0 (this process) or more, got {args.ray_workers}")
+    checkpoint = train(load_config(args.config), args.data, args.out, ray_workers=args.ray_workers,
+                       ray_address=args.ray_address)
     print(f"checkpoint: {checkpoint}")
 
 
@@ -96,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/breakout.yaml")
     p.add_argument("--data", required=True, help="dataset directory from `worldflow collect`")
     p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--ray-workers", type=int, default=0, help="data-parallel Ray Train workers "
+                   "(DDP over gloo; 0: train in this process, Ray is not started)")
+    p.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
     p.set_defaults(handler=run_train)
 
     p = sub.add_parser("eval", help="measure a world on real held-out episodes: bits/dim, open-loop PSNR/SSIM, heads")

@@ -19,6 +19,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -76,8 +77,12 @@ def load_optimizer(name: str, opt: torch.optim.Optimizer, tensors: dict) -> None
 
 
 class Trainer:
-    def __init__(self, cfg: Config, data: str, out: str):
+    """One training process. Data-parallel under Ray Train, every rank runs one of these with its own
+    batches, gradients are averaged by DistributedDataParallel, and rank 0 alone writes the run."""
+
+    def __init__(self, cfg: Config, data: str, out: str, rank: int = 0, world_size: int = 1):
         self.cfg, self.out, t = cfg, Path(out), cfg.train
+        self.rank, self.world_size = rank, world_size
         if t.threads:
             torch.set_num_threads(t.threads)
         self.manifest = load_manifest(data)
@@ -94,10 +99,17 @@ class Trainer:
         self.step, self.skipped = 0, 0
         if (self.out / CHECKPOINT).exists() or (self.out / f"{CHECKPOINT}.old").exists():
             self._resume()
-        else:
+        elif rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             write_json_atomic(self.out / "manifest.json", self.manifest)
+        self.net = self.model  # what the steps call; DistributedDataParallel around it when data-parallel
+        if world_size > 1:
+            # each rank draws its own batches and noise (a resumed rank too: the checkpoint holds rank 0's)
+            seed = np.random.SeedSequence([t.seed, rank, self.step]).generate_state(1)[0]
+            self.generator.manual_seed(int(seed))
+            # find_unused_parameters: each stage trains only part of the model (the AE, or the flow)
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
 
     @property
     def total_steps(self) -> int:
@@ -108,13 +120,19 @@ class Trainer:
         items = [self.train_set[int(i)] for i in idx]
         return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether every rank's loss is finite: a rank that skipped its backward alone would hang the rest."""
+        finite = torch.isfinite(loss.detach()).float()
+        if self.world_size > 1:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        return bool(finite)
+
     # ---- one step of each stage -----------------------------------------------------------------
     def ae_step(self) -> dict:
         t = self.cfg.train
         for group in self.ae_opt.param_groups:
             group["lr"] = lr_at(self.step, t.ae_steps, t.ae_lr, t.warmup_steps)
-        pixels = to_pixels(self.batch()["frames"].flatten(0, 1))
-        loss = (self.model.ae.decode(self.model.ae.encode(pixels)) - pixels).pow(2).mean()
+        loss = self.net("ae", self.batch()["frames"])
         self.ae_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.ae.parameters(), t.grad_clip)
@@ -134,9 +152,8 @@ class Trainer:
         for group in self.flow_opt.param_groups:
             group["lr"] = lr_at(step, t.flow_steps, t.lr, t.warmup_steps)
         b = self.batch()
-        losses, noisy = self.model.compute_losses(b["frames"], b["actions"], b["rewards"], b["terminated"],
-                                                  self.generator)
-        if not torch.isfinite(losses["total"]):
+        losses, noisy = self.net("flow", b["frames"], b["actions"], b["rewards"], b["terminated"], self.generator)
+        if not self.all_finite(losses["total"]):
             self.skipped += 1
             return {k: float("nan") for k in losses}
         self.flow_opt.zero_grad(set_to_none=True)
@@ -146,7 +163,7 @@ class Trainer:
             self.flow_opt.step()
         else:  # a spike far above the clip: skip it rather than let it through, clipped or not
             self.skipped += 1
-        den = self.model.denoiser_loss(noisy)
+        den = self.net("denoiser", noisy)
         self.den_opt.zero_grad(set_to_none=True)
         den.backward()
         self.den_opt.step()
@@ -175,7 +192,7 @@ class Trainer:
 
     def _resume(self) -> None:
         ckpt = self.out / CHECKPOINT
-        if not ckpt.exists():  # interrupted between the two renames of save()
+        if not ckpt.exists() and self.rank == 0:  # interrupted between the two renames of save()
             (self.out / f"{CHECKPOINT}.old").rename(ckpt)
         loaded = WorldFlowModel.from_pretrained(ckpt)
         self.model.load_state_dict(loaded.state_dict())
@@ -186,7 +203,8 @@ class Trainer:
         self.generator.set_state(tensors["rng"])
         state = json.loads((ckpt / "trainer.json").read_text())
         self.step, self.skipped = state["step"], state["skipped"]
-        self._trim_metrics()
+        if self.rank == 0:
+            self._trim_metrics()
 
     def _trim_metrics(self) -> None:
         """Drop metric rows logged after the checkpoint we resume from (they will be logged again)."""
@@ -212,8 +230,8 @@ class Trainer:
     def run(self, progress: bool = True) -> Path:
         from tqdm import tqdm
 
-        t = self.cfg.train
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not progress)
+        t, lead = self.cfg.train, self.rank == 0
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not (progress and lead))
         self.model.train()
         try:
             while self.step < self.total_steps:
@@ -223,21 +241,49 @@ class Trainer:
                 metrics = self.ae_step() if stage == "ae" else self.flow_step()
                 self.step += 1
                 bar.update(1)
-                if self.step % t.log_every == 0 or self.step == self.total_steps:
+                if lead and (self.step % t.log_every == 0 or self.step == self.total_steps):
                     opt = self.ae_opt if stage == "ae" else self.flow_opt
                     self._write_metrics([dict(step=self.step, stage=stage, lr=opt.param_groups[0]["lr"], **metrics)])
                     bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()
                                      if k in ("ae_psnr", "bits_per_dim", "reward", "denoiser")})
-                if self.step % t.checkpoint_every == 0:
+                if lead and self.step % t.checkpoint_every == 0:
                     self.save()
         except KeyboardInterrupt:
-            bar.write(f"interrupted at step {self.step}: saving a checkpoint to resume from")
-            self.save()
+            if lead:
+                bar.write(f"interrupted at step {self.step}: saving a checkpoint to resume from")
+                self.save()
             raise
         finally:
             bar.close()
-        return self.save()
+        return self.save() if lead else self.out / CHECKPOINT
 
 
-def train(cfg: Config, data: str, out: str, progress: bool = True) -> Path:
-    return Trainer(cfg, data, out).run(progress)
+def train(cfg: Config, data: str, out: str, progress: bool = True, ray_workers: int = 0,
+          ray_address: str | None = None) -> Path:
+    """Train in this process, or data-parallel on `ray_workers` Ray Train workers (gloo DDP on CPU).
+
+    Under Ray every worker reads `data` and rank 0 writes `out`: on a multi-node cluster both must
+    be paths every node sees (shared storage). The checkpoint is the same either way.
+    """
+    if ray_workers == 0:
+        return Trainer(cfg, data, out).run(progress)
+    import os
+
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    data, out = str(Path(data).resolve()), Path(out).resolve()  # workers do not share our cwd
+    load_manifest(data)  # a missing dataset fails here, not inside every worker
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        ray.init(address=ray_address, include_dashboard=False, log_to_driver=progress)
+
+    def worker_loop(_):
+        ctx = ray.train.get_context()
+        Trainer(cfg, data, str(out), ctx.get_world_rank(), ctx.get_world_size()).run(progress)
+
+    TorchTrainer(worker_loop, torch_config=TorchConfig(backend="gloo"),
+                 scaling_config=ScalingConfig(num_workers=ray_workers, use_gpu=False),
+                 run_config=RunConfig(name="ray_train", storage_path=str(out))).fit()
+    return out / CHECKPOINT

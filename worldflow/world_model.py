@@ -209,6 +209,22 @@ class WorldFlowModel(PreTrainedModel):
         return self.latents_to_frames(self.to_latents(tokens))
 
     # ---- training -------------------------------------------------------------------------------
+    def forward(self, stage: str, *inputs):
+        """One training stage's loss: the entry DistributedDataParallel wraps in data-parallel training.
+
+        "ae" (frames) -> ae_loss; "flow" (frames, actions, rewards, terminated, generator) -> compute_losses;
+        "denoiser" (noisy) -> denoiser_loss.
+        """
+        stages = {"ae": self.ae_loss, "flow": self.compute_losses, "denoiser": self.denoiser_loss}
+        if stage not in stages:
+            raise ValueError(f"stage must be one of {list(stages)}, got {stage!r}")
+        return stages[stage](*inputs)
+
+    def ae_loss(self, frames: torch.Tensor) -> torch.Tensor:
+        """Reconstruction MSE of uint8 frames (..., S, S, 3) through the autoencoder, on [-1, 1] pixels."""
+        pixels = to_pixels(frames.reshape(-1, *frames.shape[-3:])).to(self.device)
+        return (self.ae.decode(self.ae.encode(pixels)) - pixels).pow(2).mean()
+
     def compute_losses(self, frames, actions, rewards, terminated, generator=None):
         """One clip batch -> dict of losses, and the noisy latents (requires grad) for the denoiser.
 

@@ -35,6 +35,26 @@ def tiny_run(breakout_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def endless_world(tiny_run, tmp_path_factory):
+    """The tiny world with its termination head pinned to 'never', so episodes end by truncation only
+    (an untrained head sits at p = 0.5, where batched and single float rounding can flip a decision)."""
+    import shutil
+
+    import torch
+
+    from worldflow.pretrained import CONTEXTS
+    from worldflow.world_model import WorldFlowModel
+
+    out = tmp_path_factory.mktemp("endless") / "world"
+    model = WorldFlowModel.from_pretrained(tiny_run[1] / "latest")
+    with torch.no_grad():
+        model.heads[-1].bias[3] = -20.0
+    model.save_pretrained(out)
+    shutil.copy(tiny_run[1] / "latest" / CONTEXTS, out / CONTEXTS)
+    return out
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One small local Ray instance shared by every test that scales out (started once: ~4 s)."""
     import ray

@@ -78,6 +78,25 @@ def run_eval(args) -> None:
     print(json.dumps(result))
 
 
+def run_play(args) -> None:
+    import gymnasium as gym
+    import numpy as np
+
+    from .envs.play import Player
+
+    env = gym.make("WorldFlow-v0", checkpoint=args.checkpoint, sampler=args.sampler, denoiser=args.denoiser,
+                   max_episode_steps=args.episode_steps)
+    autoplay = None
+    if args.autoplay == "random":
+        rng = np.random.default_rng(args.seed)
+        autoplay = lambda obs: int(rng.integers(env.action_space.n))  # noqa: E731
+    player = Player(env, scale=args.scale, fps=args.fps, autoplay=autoplay, compare=args.compare,
+                    record=args.record, seed=args.seed)
+    summary = player.run(args.max_steps)
+    print(f"played {summary['steps']} steps in {summary['seconds']:.1f} s: {summary['fps']:.1f} frames/s"
+          + (f"; recorded {summary['record']}" if summary["record"] else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="worldflow", description="WorldFlow: a learned simulator "
                                      "built on autoregressive normalizing flows.")
@@ -117,6 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collect-steps", type=int, default=5000, help="real steps collected when --data is not given")
     p.add_argument("--json", default="eval.json", help="result file; the plots are written beside it")
     p.set_defaults(handler=run_eval)
+
+    p = sub.add_parser("play", help="play a world in a pygame window (H in the window lists the keys)")
+    p.add_argument("checkpoint", nargs="?", default=None, help="run or checkpoint dir (default: the embedded world)")
+    p.add_argument("--scale", type=int, default=8, help="pixels per frame pixel (nearest neighbour)")
+    p.add_argument("--fps", type=int, default=None, help="target frames/s (default: the env's render_fps; 0: uncapped)")
+    p.add_argument("--compare", action="store_true", help="show the real game beside the dream, same keys")
+    p.add_argument("--autoplay", choices=["random"], default=None, help="a policy plays instead of the keyboard")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N steps")
+    p.add_argument("--episode-steps", type=int, default=10_000, help="a dreamed episode is truncated after N steps")
+    p.add_argument("--record", default=None, help="record what is shown to clip.mp4")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--sampler", choices=["jacobi", "sequential"], default="jacobi")
+    p.add_argument("--denoiser", choices=["flow-score", "tweedie", "none"], default="flow-score")
+    p.set_defaults(handler=run_play)
 
     p = sub.add_parser("dream", help="roll out the world model under a policy and write mp4/gif")
     p.add_argument("checkpoint", nargs="?", default=None, help="run or checkpoint dir (default: the embedded world)")

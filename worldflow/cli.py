@@ -9,6 +9,23 @@ import sys
 from . import __version__
 
 
+def make_policy(name: str | None, num_actions: int, seed: int | None):
+    """'random', a saved agent's directory, or None -> a callable obs -> action (or None)."""
+    if name is None:
+        return None
+    if name == "random":
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        return lambda obs: int(rng.integers(num_actions))
+    from .agents import AgentPolicy
+
+    policy = AgentPolicy(name, seed)
+    if policy.net.spec.num_actions != num_actions:
+        raise ValueError(f"agent {name} has {policy.net.spec.num_actions} actions; this world has {num_actions}")
+    return policy
+
+
 def run_collect(args) -> None:
     from .collect import collect
 
@@ -36,14 +53,16 @@ def run_dream(args) -> None:
 
     env = gym.make("WorldFlow-v0", checkpoint=args.checkpoint, sampler=args.sampler, denoiser=args.denoiser,
                    max_episode_steps=args.steps)
+    policy = make_policy(args.policy, env.action_space.n, args.seed)
     obs, _ = env.reset(seed=args.seed)
-    env.action_space.seed(args.seed)
     frames, total, episodes, done = [obs], 0.0, 1, False
     for _ in tqdm(range(args.steps), desc="dream", unit="frame"):
         if done:  # the dreamed episode ended: the next frame starts a new one from a real context
             (obs, _), episodes = env.reset(), episodes + 1
+            if hasattr(policy, "reset"):
+                policy.reset()
         else:
-            obs, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+            obs, reward, terminated, truncated, _ = env.step(policy(obs))
             total += reward
             done = terminated or truncated
         frames.append(obs)
@@ -80,21 +99,40 @@ def run_eval(args) -> None:
 
 def run_play(args) -> None:
     import gymnasium as gym
-    import numpy as np
 
     from .envs.play import Player
 
     env = gym.make("WorldFlow-v0", checkpoint=args.checkpoint, sampler=args.sampler, denoiser=args.denoiser,
                    max_episode_steps=args.episode_steps)
-    autoplay = None
-    if args.autoplay == "random":
-        rng = np.random.default_rng(args.seed)
-        autoplay = lambda obs: int(rng.integers(env.action_space.n))  # noqa: E731
-    player = Player(env, scale=args.scale, fps=args.fps, autoplay=autoplay, compare=args.compare,
-                    record=args.record, seed=args.seed)
+    n = env.action_space.n
+    player = Player(env, scale=args.scale, fps=args.fps, autoplay=make_policy(args.autoplay, n, args.seed),
+                    agent=make_policy(args.agent, n, args.seed), compare=args.compare, record=args.record,
+                    seed=args.seed)
     summary = player.run(args.max_steps)
     print(f"played {summary['steps']} steps in {summary['seconds']:.1f} s: {summary['fps']:.1f} frames/s"
           + (f"; recorded {summary['record']}" if summary["record"] else ""))
+
+
+def run_agent_train(args) -> None:
+    from .agents import AgentConfig, train_agent
+
+    if args.workers < 0:
+        raise ValueError(f"--workers must be 0 (in this process) or more, got {args.workers}")
+    cfg = AgentConfig(steps=args.steps, envs_per_worker=args.envs, horizon=args.horizon, seed=args.seed)
+    path = train_agent(cfg, args.out, args.checkpoint, args.workers, args.ray_address)
+    print(f"agent: {path}")
+
+
+def run_agent_eval(args) -> None:
+    import json
+
+    from .agents.evaluate import evaluate_agent
+
+    result = evaluate_agent(args.agent, args.env, args.episodes, args.seed, args.max_steps)
+    for name in ("agent", "random"):
+        r = result[name]
+        print(f"{name:>6} in {result['env_id']}: {r['mean']:.2f} ± {r['stderr']:.2f} over {r['episodes']} episodes")
+    print(json.dumps(result))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=8, help="pixels per frame pixel (nearest neighbour)")
     p.add_argument("--fps", type=int, default=None, help="target frames/s (default: the env's render_fps; 0: uncapped)")
     p.add_argument("--compare", action="store_true", help="show the real game beside the dream, same keys")
-    p.add_argument("--autoplay", choices=["random"], default=None, help="a policy plays instead of the keyboard")
+    p.add_argument("--autoplay", default=None, help="'random' or an agent directory: it plays instead of the keys")
+    p.add_argument("--agent", default=None, help="an agent directory; M hands control between you and it")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps")
     p.add_argument("--episode-steps", type=int, default=10_000, help="a dreamed episode is truncated after N steps")
     p.add_argument("--record", default=None, help="record what is shown to clip.mp4")
@@ -155,11 +194,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", default=None, help="run or checkpoint dir (default: the embedded world)")
     p.add_argument("--steps", type=int, default=200, help="frames after the first (ended episodes restart)")
     p.add_argument("--out", required=True, help="clip.mp4 or clip.gif")
-    p.add_argument("--policy", choices=["random"], default="random")
+    p.add_argument("--policy", default="random", help="'random' or an agent directory (`worldflow agent train`)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", choices=["jacobi", "sequential"], default="jacobi")
     p.add_argument("--denoiser", choices=["flow-score", "tweedie", "none"], default="flow-score")
     p.set_defaults(handler=run_dream)
+
+    agent = sub.add_parser("agent", help="RL agents trained inside a world, checked in the real game")
+    agent_sub = agent.add_subparsers(dest="agent_command", metavar="COMMAND", required=True)
+    p = agent_sub.add_parser("train", help="train an actor-critic in the dream (resumes if OUT exists)")
+    p.add_argument("--checkpoint", default=None, help="world: run or checkpoint dir (default: the embedded world)")
+    p.add_argument("--workers", type=int, default=0, help="Ray rollout actors (0: roll out in this process)")
+    p.add_argument("--steps", type=int, required=True, help="imagined environment steps in total")
+    p.add_argument("--envs", type=int, default=16, help="dreams batched in each worker's vector env")
+    p.add_argument("--horizon", type=int, default=15, help="imagined episodes are truncated after this many steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="agent run directory")
+    p.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
+    p.set_defaults(handler=run_agent_train)
+    p = agent_sub.add_parser("eval", help="play the REAL game: mean return ± s.e., beside a random policy")
+    p.add_argument("--agent", required=True, help="agent run directory (or its latest/)")
+    p.add_argument("--env", default=None, help="real env id (default: the game of the agent's world)")
+    p.add_argument("--episodes", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=10_000, help="cap on one episode's steps")
+    p.set_defaults(handler=run_agent_eval)
     return parser
 
 

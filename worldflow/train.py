@@ -76,6 +76,50 @@ def load_optimizer(name: str, opt: torch.optim.Optimizer, tensors: dict) -> None
     opt.load_state_dict(sd)
 
 
+def save_checkpoint_dir(out: Path, write) -> Path:
+    """Have `write(dir)` fill out/latest.tmp/ completely, then swap it in for out/latest/: a crash at
+    any moment leaves latest/ or latest.old/ whole (see checkpoint_dir_to_resume)."""
+    final, tmp, old = (out / CHECKPOINT, out / f"{CHECKPOINT}.tmp", out / f"{CHECKPOINT}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoint_dir_to_resume(out: Path) -> Path:
+    """out/latest/, restored from latest.old/ when a save was interrupted between its two renames."""
+    ckpt = out / CHECKPOINT
+    if not ckpt.exists():
+        (out / f"{CHECKPOINT}.old").rename(ckpt)
+    return ckpt
+
+
+def trim_metrics(path: Path, key: str, last: int) -> None:
+    """Drop the rows of a metrics CSV logged after the checkpoint a run resumes from (they come again)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, [r for r in reader if int(r[key]) <= last]
+    if fields is None:  # an empty file: nothing to keep
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def has_checkpoint(out: Path) -> bool:
+    return (out / CHECKPOINT).exists() or (out / f"{CHECKPOINT}.old").exists()
+
+
 class Trainer:
     """One training process. Data-parallel under Ray Train, every rank runs one of these with its own
     batches, gradients are averaged by DistributedDataParallel, and rank 0 alone writes the run."""
@@ -97,7 +141,7 @@ class Trainer:
         self.den_opt = torch.optim.AdamW(m.denoiser.parameters(), lr=t.denoiser_lr, betas=(0.9, 0.95))
         self.generator = torch.Generator().manual_seed(t.seed)
         self.step, self.skipped = 0, 0
-        if (self.out / CHECKPOINT).exists() or (self.out / f"{CHECKPOINT}.old").exists():
+        if has_checkpoint(self.out):
             self._resume()
         elif rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -174,26 +218,18 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save(self) -> Path:
-        """Write latest.tmp/ completely, then swap it in: a crash leaves latest/ or latest.old/ whole."""
-        final, tmp, old = (self.out / CHECKPOINT, self.out / f"{CHECKPOINT}.tmp", self.out / f"{CHECKPOINT}.old")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
-        save_contexts(tmp, *self.contexts)
-        tensors = {**optimizer_tensors("ae", self.ae_opt), **optimizer_tensors("flow", self.flow_opt),
-                   **optimizer_tensors("denoiser", self.den_opt), "rng": self.generator.get_state()}
-        save_file(tensors, tmp / "optimizer.safetensors")
-        (tmp / "trainer.json").write_text(json.dumps(dict(step=self.step, skipped=self.skipped)))
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-        return final
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(tmp)
+            save_contexts(tmp, *self.contexts)
+            tensors = {**optimizer_tensors("ae", self.ae_opt), **optimizer_tensors("flow", self.flow_opt),
+                       **optimizer_tensors("denoiser", self.den_opt), "rng": self.generator.get_state()}
+            save_file(tensors, tmp / "optimizer.safetensors")
+            (tmp / "trainer.json").write_text(json.dumps(dict(step=self.step, skipped=self.skipped)))
+
+        return save_checkpoint_dir(self.out, write)
 
     def _resume(self) -> None:
-        ckpt = self.out / CHECKPOINT
-        if not ckpt.exists() and self.rank == 0:  # interrupted between the two renames of save()
-            (self.out / f"{CHECKPOINT}.old").rename(ckpt)
+        ckpt = checkpoint_dir_to_resume(self.out) if self.rank == 0 else self.out / CHECKPOINT
         loaded = WorldFlowModel.from_pretrained(ckpt)
         self.model.load_state_dict(loaded.state_dict())
         tensors = load_file(ckpt / "optimizer.safetensors")
@@ -204,23 +240,14 @@ class Trainer:
         state = json.loads((ckpt / "trainer.json").read_text())
         self.step, self.skipped = state["step"], state["skipped"]
         if self.rank == 0:
-            self._trim_metrics()
+            trim_metrics(self.out / "metrics.csv", "step", self.step)
 
-    def _trim_metrics(self) -> None:
-        """Drop metric rows logged after the checkpoint we resume from (they will be logged again)."""
-        path = self.out / "metrics.csv"
-        if not path.exists():
-            return
-        with open(path) as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
-        self._write_metrics(rows, mode="w")
-
-    def _write_metrics(self, rows: list[dict], mode: str = "a") -> None:
+    def _write_metrics(self, rows: list[dict]) -> None:
         path = self.out / "metrics.csv"
         fields = ["step", "stage", "ae_mse", "ae_psnr", "flow", "bits_per_dim", "reward", "terminated", "total",
                   "denoiser", "grad_norm", "lr"]
-        new = mode == "w" or not path.exists()
-        with open(path, mode, newline="") as f:
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             if new:
                 writer.writeheader()

@@ -1,0 +1,125 @@
+"""The agent: a convolutional actor-critic over a stack of recent 64x64 frames, and λ-returns to train it.
+
+Memory is a frame stack (the last `frame_stack` frames, channels concatenated) rather than a
+recurrent core: imagined rollouts are short (DIAMOND and IRIS use 15-20 steps), a stack needs no
+hidden state carried between Ray rollout calls, and the same policy runs unchanged in the real game.
+"""
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+AGENT_CONFIG, AGENT_WEIGHTS = "config.json", "model.safetensors"
+
+
+@dataclass
+class AgentSpec:
+    """What a saved agent needs to be rebuilt and to know which game it plays."""
+    num_actions: int
+    frame_size: int = 64
+    frame_stack: int = 4
+    width: int = 256
+    env_id: str | None = None  # the real game of the world it was trained in
+    action_meanings: list | None = None
+
+
+class ActorCritic(nn.Module):
+    def __init__(self, spec: AgentSpec):
+        super().__init__()
+        self.spec = spec
+        c = 3 * spec.frame_stack
+        self.encoder = nn.Sequential(  # 64 -> 15 -> 6 -> 4 (Nature-DQN shapes for a 64x64 input)
+            nn.Conv2d(c, 32, 8, stride=4), nn.ReLU(), nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(), nn.Flatten())
+        with torch.no_grad():
+            flat = self.encoder(torch.zeros(1, c, spec.frame_size, spec.frame_size)).shape[1]
+        self.torso = nn.Sequential(nn.Linear(flat, spec.width), nn.ReLU())
+        self.policy = nn.Linear(spec.width, spec.num_actions)
+        self.value = nn.Linear(spec.width, 1)
+        nn.init.zeros_(self.policy.weight)  # a uniform policy at the start: exploration from step one
+        nn.init.zeros_(self.policy.bias)
+
+    def forward(self, stacks: torch.Tensor):
+        """uint8 frame stacks (..., K, S, S, 3) -> action logits (..., A), values (...)."""
+        lead = stacks.shape[:-4]
+        x = stacks.reshape(-1, *stacks.shape[-4:]).permute(0, 1, 4, 2, 3).flatten(1, 2).float() / 255.0
+        h = self.torso(self.encoder(x))
+        return self.policy(h).reshape(*lead, -1), self.value(h).reshape(lead)
+
+
+def lambda_returns(rewards, values, terminated, truncated, gamma: float, lam: float) -> torch.Tensor:
+    """λ-returns (T, N) from rewards, terminated, truncated (T, N) and values (T+1, N).
+
+    G_t = r_t + γ·[(1-λ)·V(s_t+1) + λ·G_t+1]. A terminated step has no future; a truncated step
+    bootstraps from V of its final observation and does not look past it (the step after an episode
+    ends is the vector env's reset step, which belongs to the next episode).
+    """
+    G, out = values[-1], []
+    for t in reversed(range(rewards.shape[0])):
+        future = torch.where(truncated[t], values[t + 1], (1 - lam) * values[t + 1] + lam * G)
+        G = rewards[t] + gamma * (~terminated[t]) * future
+        out.append(G)
+    return torch.stack(out[::-1])
+
+
+class FrameStack:
+    """The last K frames of each of N streams; a stream that starts an episode is filled with its first frame."""
+
+    def __init__(self, first: np.ndarray, k: int):
+        self.frames = np.repeat(first[:, None], k, axis=1)  # (N, K, S, S, 3)
+
+    def push(self, obs: np.ndarray, new_episode: np.ndarray | None = None) -> np.ndarray:
+        self.frames = np.concatenate([self.frames[:, 1:], obs[:, None]], axis=1)
+        if new_episode is not None and new_episode.any():
+            self.frames[new_episode] = obs[new_episode][:, None]
+        return self.frames
+
+
+def save_agent(net: ActorCritic, directory) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / AGENT_CONFIG).write_text(json.dumps(asdict(net.spec), indent=2))
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, directory / AGENT_WEIGHTS)
+
+
+def load_agent(path) -> ActorCritic:
+    """An agent directory (or an `agent train` run: its latest/) -> ActorCritic in eval mode, clear errors."""
+    path = Path(path)
+    if (path / "latest" / AGENT_CONFIG).exists():
+        path = path / "latest"
+    for name in (AGENT_CONFIG, AGENT_WEIGHTS):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not a WorldFlow agent: {name} is missing")
+    try:
+        net = ActorCritic(AgentSpec(**json.loads((path / AGENT_CONFIG).read_text())))
+        net.load_state_dict(load_file(path / AGENT_WEIGHTS))
+    except Exception as e:  # json, safetensors and shape errors
+        raise ValueError(f"agent {path} is corrupt or incompatible: {type(e).__name__}: {e}") from None
+    return net.eval()
+
+
+class AgentPolicy:
+    """A saved agent as the callable obs -> action that play, dream and evaluation take (one stream)."""
+
+    def __init__(self, path, seed: int | None = None):
+        self.net = load_agent(path)
+        self.generator = torch.Generator().manual_seed(seed if seed is not None else 0)
+        self.stack = None
+
+    def reset(self) -> None:
+        self.stack = None
+
+    @torch.no_grad()
+    def __call__(self, obs: np.ndarray) -> int:
+        obs = np.asarray(obs)[None]
+        if self.stack is None:
+            self.stack = FrameStack(obs, self.net.spec.frame_stack)
+        else:
+            self.stack.push(obs)
+        logits, _ = self.net(torch.from_numpy(self.stack.frames))
+        return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=self.generator)[0, 0])

@@ -1,0 +1,97 @@
+"""Imagined rollouts: workers that each hold a world model and a batched WorldFlowVectorEnv, in this
+process or as Ray actors that get the latest policy weights, roll out, and return trajectories."""
+
+import numpy as np
+import torch
+
+from worldflow.envs import WorldFlowVectorEnv
+
+from .actor_critic import ActorCritic, AgentSpec, FrameStack
+
+
+class RolloutWorker:
+    """N dreams as one vector env, continued across calls; episodes start from real start contexts."""
+
+    def __init__(self, spec: AgentSpec, checkpoint, num_envs: int, horizon: int, seed: int, worker_id: int = 0,
+                 threads: int = 0):
+        if threads:
+            torch.set_num_threads(threads)
+        self.worker_id = worker_id
+        self.env = WorldFlowVectorEnv(num_envs=num_envs, checkpoint=checkpoint, max_episode_steps=horizon)
+        self.net = ActorCritic(spec).eval()
+        self.generator = torch.Generator().manual_seed(seed)
+        obs, _ = self.env.reset(seed=seed)
+        self.stack = FrameStack(obs, spec.frame_stack)
+        self.ended = np.zeros(num_envs, dtype=bool)  # the next step of these rows is an autoreset step
+        self.episode_return = np.zeros(num_envs)
+
+    @torch.no_grad()
+    def rollout(self, weights: dict, steps: int) -> dict:
+        """`steps` steps of every dream under the given policy weights -> a trajectory of numpy arrays:
+        stacks (T+1, N, K, S, S, 3) uint8, actions / rewards / terminated / truncated / reset_step (T, N),
+        plus the returns of the episodes that ended and this worker's id."""
+        self.net.load_state_dict(weights)
+        stacks, actions, rewards, terminated, truncated, resets, returns = [self.stack.frames.copy()], [], [], [], [], [], []
+        for _ in range(steps):
+            logits, _ = self.net(torch.from_numpy(self.stack.frames))
+            action = torch.multinomial(torch.softmax(logits, -1), 1, generator=self.generator)[:, 0].numpy()
+            obs, reward, term, trunc, _ = self.env.step(action)
+            reset_step, self.ended = self.ended, term | trunc  # NEXT_STEP autoreset: a reset step ignores its action
+            self.episode_return = np.where(reset_step, 0.0, self.episode_return + reward)
+            returns += list(self.episode_return[self.ended])
+            stacks.append(self.stack.push(obs, reset_step).copy())
+            actions.append(action)
+            rewards.append(reward)
+            terminated.append(term)
+            truncated.append(trunc)
+            resets.append(reset_step)
+        return dict(stacks=np.stack(stacks), actions=np.stack(actions), rewards=np.stack(rewards).astype(np.float32),
+                    terminated=np.stack(terminated), truncated=np.stack(truncated), reset_step=np.stack(resets),
+                    episode_returns=np.array(returns, np.float32), worker_id=self.worker_id)
+
+
+class RolloutPool:
+    """K Ray actors (or, with K = 0, one worker in this process). A worker that dies is replaced by a
+    fresh one with a new seed; its trajectory for that round is lost and training goes on."""
+
+    def __init__(self, spec: AgentSpec, checkpoint, workers: int, num_envs: int, horizon: int, seed: int,
+                 ray_address: str | None = None):
+        self.args = (spec, None if checkpoint is None else str(checkpoint), num_envs, horizon)
+        self.seed, self.replaced, self.remote = seed, 0, workers > 0
+        if not self.remote:
+            self.workers = [RolloutWorker(*self.args, seed)]
+            return
+        import os
+
+        import ray
+
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if not ray.is_initialized():
+            ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+        self.ray = ray
+        self.actor = ray.remote(num_cpus=1)(RolloutWorker)
+        self.workers = [self._start(i, i) for i in range(workers)]
+
+    def _start(self, worker_id: int, nth: int):
+        return self.actor.remote(*self.args, self.seed * 1000 + nth, worker_id, threads=1)
+
+    def collect(self, net: ActorCritic, steps: int) -> list[dict]:
+        """One trajectory from every live worker, all under the same current policy weights."""
+        weights = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        if not self.remote:
+            return [self.workers[0].rollout(weights, steps)]
+        ref = self.ray.put(weights)
+        futures = [w.rollout.remote(ref, steps) for w in self.workers]
+        trajectories = []
+        for i, future in enumerate(futures):
+            try:
+                trajectories.append(self.ray.get(future))
+            except self.ray.exceptions.RayActorError:  # the worker died (killed, OOM, lost node): replace it
+                self.replaced += 1
+                self.workers[i] = self._start(i, len(self.workers) + self.replaced)
+        return trajectories
+
+    def close(self) -> None:
+        if self.remote:
+            for w in self.workers:
+                self.ray.kill(w)

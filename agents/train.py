@@ -1,0 +1,137 @@
+"""Train an actor-critic entirely inside a WorldFlow world (CleanRL style: one dataclass, the loop in view).
+
+Algorithm: advantage actor-critic on λ-returns with an entropy bonus, as DIAMOND and IRIS train in
+imagination. Chosen over PPO because every imagined frame costs a flow inversion on CPU: PPO's
+several epochs per batch would reuse data, but its clipping machinery buys little when rollouts are
+short, on-policy and fresh each update, and λ-returns over a 15-step imagination horizon are what
+both world-model papers measured to work.
+
+Run directory: agent.json (the hyperparameters), metrics.csv, latest/ (config.json + model.safetensors,
+a loadable agent, plus optimizer.safetensors + trainer.json to resume), swapped in atomically.
+"""
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from worldflow.pretrained import load_world
+from worldflow.train import (checkpoint_dir_to_resume, has_checkpoint, load_optimizer, optimizer_tensors,
+                             save_checkpoint_dir, trim_metrics)
+
+from .actor_critic import ActorCritic, AgentSpec, lambda_returns, save_agent
+from .rollouts import RolloutPool
+
+
+@dataclass
+class AgentConfig:
+    steps: int = 50_000  # imagined environment steps in total, over all workers
+    envs_per_worker: int = 16  # dreams batched in one vector env
+    rollout_steps: int = 16  # steps per worker per update
+    horizon: int = 15  # an imagined episode is truncated after this many steps (DIAMOND: 15)
+    gamma: float = 0.985
+    lam: float = 0.95
+    entropy: float = 0.001
+    value_coef: float = 0.5
+    lr: float = 3e-4
+    grad_clip: float = 10.0
+    frame_stack: int = 4
+    width: int = 256
+    seed: int = 0
+    checkpoint_every: int = 10  # updates
+
+
+def a2c_loss(net: ActorCritic, batch: dict, cfg: AgentConfig):
+    """Actor-critic loss on one trajectory; autoreset steps (the env ignored their action) are masked out."""
+    b = {k: torch.tensor(v) for k, v in batch.items() if isinstance(v, np.ndarray)}  # copies: Ray's arrays are read-only
+    logits, values = net(b["stacks"])  # (T+1, N, A), (T+1, N)
+    returns = lambda_returns(b["rewards"], values.detach(), b["terminated"], b["truncated"], cfg.gamma, cfg.lam)
+    mask = (~b["reset_step"]).float()
+    dist = torch.distributions.Categorical(logits=logits[:-1])
+    advantage = (returns - values[:-1]).detach()
+    n = mask.sum().clamp_min(1)
+    policy = -(dist.log_prob(b["actions"]) * advantage * mask).sum() / n
+    value = 0.5 * ((values[:-1] - returns).pow(2) * mask).sum() / n
+    entropy = (dist.entropy() * mask).sum() / n
+    return policy + cfg.value_coef * value - cfg.entropy * entropy, dict(policy=policy.item(), value=value.item(),
+                                                                          entropy=entropy.item())
+
+
+def train_agent(cfg: AgentConfig, out, checkpoint=None, workers: int = 0, ray_address: str | None = None,
+                progress: bool = True) -> Path:
+    from tqdm import tqdm
+
+    out = Path(out)
+    world = load_world(checkpoint)[0].config  # fails early, here, on a bad world
+    spec = AgentSpec(num_actions=world.num_actions, frame_size=world.frame_size, frame_stack=cfg.frame_stack,
+                     width=cfg.width, env_id=world.env_id, action_meanings=list(world.action_meanings))
+    torch.manual_seed(cfg.seed)
+    net = ActorCritic(spec)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, eps=1e-5)
+    per_update = cfg.rollout_steps * cfg.envs_per_worker * max(workers, 1)
+    updates, update = max(1, cfg.steps // per_update), 0
+    if has_checkpoint(out):
+        ckpt = checkpoint_dir_to_resume(out)
+        net.load_state_dict(load_file(ckpt / "model.safetensors"))
+        load_optimizer("agent", opt, load_file(ckpt / "optimizer.safetensors"))
+        update = json.loads((ckpt / "trainer.json").read_text())["update"]
+        trim_metrics(out / "metrics.csv", "update", update)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "agent.json").write_text(json.dumps(dict(config=asdict(cfg), world=str(checkpoint), workers=workers)))
+
+    def save() -> Path:
+        def write(tmp: Path) -> None:
+            save_agent(net, tmp)
+            save_file(optimizer_tensors("agent", opt), tmp / "optimizer.safetensors")
+            (tmp / "trainer.json").write_text(json.dumps(dict(update=update)))
+
+        return save_checkpoint_dir(out, write)
+
+    # a resumed run continues the policy; its dreams restart from fresh seeds (the env state is not saved)
+    pool = RolloutPool(spec, checkpoint, workers, cfg.envs_per_worker, cfg.horizon, cfg.seed + update, ray_address)
+    bar = tqdm(total=updates, initial=update, desc="agent", unit="update", disable=not progress)
+    log = open(out / "metrics.csv", "a", newline="")
+    writer = csv.DictWriter(log, ["update", "frames", "loss", "policy", "value", "entropy", "episodes",
+                                  "dream_return", "workers_heard", "replaced", "seconds"])
+    if log.tell() == 0:
+        writer.writeheader()
+    try:
+        while update < updates:
+            start = time.perf_counter()
+            trajectories = pool.collect(net, cfg.rollout_steps)
+            opt.zero_grad(set_to_none=True)
+            stats = []
+            for batch in trajectories:  # gradients accumulate over workers: one update per round
+                loss, parts = a2c_loss(net, batch, cfg)
+                (loss / len(trajectories)).backward()
+                stats.append(dict(loss=loss.item(), **parts))
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            opt.step()
+            update += 1
+            returns = np.concatenate([b["episode_returns"] for b in trajectories])
+            row = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
+            row.update(update=update, frames=update * per_update, episodes=len(returns),
+                       dream_return=float(returns.mean()) if len(returns) else "", replaced=pool.replaced,
+                       workers_heard=" ".join(str(b["worker_id"]) for b in trajectories),
+                       seconds=time.perf_counter() - start)
+            writer.writerow(row)
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(dream_return=row["dream_return"], entropy=f"{row['entropy']:.2f}")
+            if update % cfg.checkpoint_every == 0:
+                save()
+    except KeyboardInterrupt:
+        bar.write(f"interrupted at update {update}: saving a checkpoint to resume from")
+        save()
+        raise
+    finally:
+        bar.close()
+        log.close()
+        pool.close()
+    return save()

@@ -1,0 +1,99 @@
+"""Agents: λ-returns, training in the dream with 0 and 2 Ray workers, a killed worker replaced,
+checkpoints round trip and resume, evaluation in the real game."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from worldflow.agents import ActorCritic, AgentConfig, AgentPolicy, AgentSpec, load_agent, save_agent, train_agent
+from worldflow.agents.actor_critic import lambda_returns
+from worldflow.agents.evaluate import evaluate_agent
+from worldflow.agents.rollouts import RolloutPool
+from worldflow.cli import main
+
+
+def _rows(run):
+    with open(run / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_lambda_returns_stop_at_termination_and_bootstrap_at_truncation():
+    rewards = torch.tensor([[1.0], [2.0], [3.0]])
+    values = torch.tensor([[10.0], [20.0], [30.0], [40.0]])
+    never = torch.zeros(3, 1, dtype=torch.bool)
+    g, lam = 0.5, 1.0  # λ=1: discounted Monte-Carlo return bootstrapped at the end
+    assert torch.allclose(lambda_returns(rewards, values, never, never, g, lam)[:, 0],
+                          torch.tensor([1 + g * 2 + g * g * 3 + g**3 * 40, 2 + g * 3 + g * g * 40, 3 + g * 40]))
+    terminated = torch.tensor([[False], [True], [False]])
+    out = lambda_returns(rewards, values, terminated, never, g, lam)[:, 0]
+    assert out[1] == 2.0 and out[0] == 1 + g * 2  # nothing flows back across a termination
+    truncated = torch.tensor([[False], [True], [False]])
+    out = lambda_returns(rewards, values, never, truncated, g, lam)[:, 0]
+    assert out[1] == 2 + g * 30  # truncation bootstraps from the final observation's value
+    lam0 = lambda_returns(rewards, values, never, never, g, 0.0)[:, 0]  # λ=0: one-step TD targets
+    assert torch.allclose(lam0, rewards[:, 0] + g * values[1:, 0])
+
+
+def test_agent_trains_in_process_checkpoints_round_trip_and_resume(endless_world, tmp_path):
+    out = tmp_path / "agent"
+    assert main(["agent", "train", "--checkpoint", str(endless_world), "--workers", "0", "--steps", "64",
+                 "--envs", "2", "--horizon", "5", "--out", str(out)]) == 0
+    rows = _rows(out)
+    assert [r["update"] for r in rows] == ["1", "2"] and all(r["workers_heard"] == "0" for r in rows)
+    assert int(rows[-1]["episodes"]) > 0  # horizon-5 episodes ended and were counted
+    net = load_agent(out)
+    assert net.spec.env_id == "ALE/Breakout-v5" and net.spec.num_actions == 4
+    assert not torch.equal(net.policy.weight, torch.zeros_like(net.policy.weight))  # it learned something
+    save_agent(net, tmp_path / "copy")
+    again = load_agent(tmp_path / "copy")
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    # more steps: the run resumes at update 2 and logs updates 3 and 4 once each
+    assert main(["agent", "train", "--checkpoint", str(endless_world), "--workers", "0", "--steps", "128",
+                 "--envs", "2", "--horizon", "5", "--out", str(out)]) == 0
+    assert [r["update"] for r in _rows(out)] == ["1", "2", "3", "4"]
+    assert json.loads((out / "latest" / "trainer.json").read_text())["update"] == 4
+
+
+def test_two_ray_workers_feed_the_learner_and_a_killed_worker_is_replaced(endless_world, tmp_path, ray_local):
+    cfg = AgentConfig(steps=2 * 2 * 4, envs_per_worker=2, rollout_steps=4, horizon=5, checkpoint_every=1)
+    train_agent(cfg, tmp_path / "agent", endless_world, workers=2, progress=False)
+    assert _rows(tmp_path / "agent")[0]["workers_heard"] == "0 1"
+
+    spec = AgentSpec(num_actions=4)
+    net = ActorCritic(spec)
+    pool = RolloutPool(spec, endless_world, workers=2, num_envs=2, horizon=5, seed=0)
+    try:
+        first = pool.collect(net, 3)
+        assert sorted(t["worker_id"] for t in first) == [0, 1]
+        assert first[0]["stacks"].shape == (4, 2, 4, 64, 64, 3) and first[0]["actions"].shape == (3, 2)
+        ray_local.kill(pool.workers[0])
+        survivors = pool.collect(net, 3)
+        assert [t["worker_id"] for t in survivors] == [1] and pool.replaced == 1
+        assert sorted(t["worker_id"] for t in pool.collect(net, 3)) == [0, 1]  # the replacement works
+    finally:
+        pool.close()
+
+
+def test_agent_eval_plays_the_real_game_beside_random(tmp_path, capsys):
+    net = ActorCritic(AgentSpec(num_actions=4, env_id="ALE/Breakout-v5"))
+    save_agent(net, tmp_path / "a")
+    result = evaluate_agent(tmp_path / "a", episodes=2, max_steps=60, progress=False)
+    for name in ("agent", "random"):
+        assert result[name]["episodes"] == 2 and np.isfinite(result[name]["mean"])
+    assert main(["agent", "eval", "--agent", str(tmp_path / "a"), "--episodes", "2", "--max-steps", "30"]) == 0
+    assert "random in ALE/Breakout-v5" in capsys.readouterr().out
+    assert main(["agent", "eval", "--agent", str(tmp_path / "a"), "--env", "ALE/Pong-v5", "--episodes", "1"]) == 2
+    policy = AgentPolicy(tmp_path / "a", seed=0)
+    assert 0 <= policy(np.zeros((64, 64, 3), np.uint8)) < 4
+
+
+def test_missing_or_corrupt_agents_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_agent(tmp_path)
+    save_agent(ActorCritic(AgentSpec(num_actions=4)), tmp_path / "a")
+    (tmp_path / "a" / "model.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_agent(tmp_path / "a")

@@ -23,9 +23,17 @@ def is_held_out(shard: Path, val_fraction: float) -> bool:
     return zlib.crc32(shard.name.encode()) % 1000 < val_fraction * 1000
 
 
+def window_starts(length: int, clip_frames: int, stride: int) -> list[int]:
+    starts = list(range(0, length - clip_frames + 1, stride))
+    if starts and starts[-1] != length - clip_frames:
+        starts.append(length - clip_frames)
+    return starts
+
+
 class ClipDataset(Dataset):
     """Windows of `clip_frames` consecutive frames inside one episode of the chosen split, starting
-    every `stride` frames (1: every window; clip_frames: windows that do not overlap).
+    every `stride` frames (1: every window; clip_frames: windows that do not overlap), and always the
+    episode's last window, so that every episode's end (its termination) is in some window.
 
     split "train" / "val" divide the episodes by `is_held_out`; "all" takes every episode (data
     collected fresh for an evaluation is held out as a whole).
@@ -48,7 +56,7 @@ class ClipDataset(Dataset):
             with np.load(path) as shard:
                 self.episodes.append({k: shard[k] for k in ("frames", "actions", "rewards", "terminated")})
         # (episode, start) of every clip that fits inside its episode
-        self.index = [(e, s) for e, ep in enumerate(self.episodes) for s in range(0, len(ep["frames"]) - clip_frames + 1, stride)]
+        self.index = [(e, s) for e, ep in enumerate(self.episodes) for s in window_starts(len(ep["frames"]), clip_frames, stride)]
         if not self.index:
             raise ValueError(f"no {split} episode in {root} has {clip_frames} frames "
                              f"({len(chosen)} episodes): collect more steps or shorten clip_frames")

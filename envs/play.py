@@ -42,7 +42,7 @@ class Player:
     """A play session: one dream pane (and the real game's beside it with `compare`), a HUD, recording."""
 
     def __init__(self, env, scale: int = 8, fps: int | None = None, autoplay=None, agent=None, compare: bool = False,
-                 record=None, seed: int | None = None):
+                 record=None, screenshot=None, seed: int | None = None):
         import pygame
 
         self.pg = pygame
@@ -53,6 +53,7 @@ class Player:
         self.autoplay, self.agent = autoplay, agent
         self.real = make_env(self.world.model.config.env_id) if compare else None
         self.record_path = None if record is None else Path(record)
+        self.screenshot = screenshot
         if self.record_path is not None and self.record_path.suffix != ".mp4":
             raise ValueError(f"--record writes mp4, got {self.record_path.name}")
         self.keys = {pygame.K_UP: "UP", pygame.K_DOWN: "DOWN", pygame.K_LEFT: "LEFT", pygame.K_RIGHT: "RIGHT",
@@ -207,7 +208,7 @@ class Player:
             self._record()
             while not self.quit and (max_steps is None or self.steps < max_steps):
                 self.tick()
-                self.clock.tick(self.fps)
+                self.clock.tick_busy_loop(self.fps)  # tick() sleeps coarsely: 11.6 vs 12.5 frames/s at a 15 target here
         except KeyboardInterrupt:
             pass
         finally:
@@ -217,6 +218,9 @@ class Player:
                     record=None if self.record_path is None else str(self.record_path))
 
     def close(self) -> None:
+        if self.screenshot is not None:  # the last frame shown, as a PNG
+            self.pg.image.save(self.screen, str(self.screenshot))
+            self.screenshot = None
         if self.writer is not None:
             self.writer.close()
             self.tmp_path.replace(self.record_path)

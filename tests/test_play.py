@@ -95,9 +95,10 @@ def test_compare_shows_the_real_game_beside_the_dream_both_starting_equal(env):
 def test_play_records_every_shown_frame(tiny_run, tmp_path, capsys):
     from moviepy import VideoFileClip
 
-    out = tmp_path / "play.mp4"
+    out, shot = tmp_path / "play.mp4", tmp_path / "shot.png"
     assert main(["play", str(tiny_run[1]), "--autoplay", "random", "--max-steps", "6", "--fps", "0",
-                 "--scale", "2", "--record", str(out), "--seed", "0"]) == 0
+                 "--scale", "2", "--record", str(out), "--screenshot", str(shot), "--seed", "0"]) == 0
+    assert pygame.image.load(str(shot)).get_size() == (128, 128 + 64)
     clip = VideoFileClip(str(out))
     n = sum(1 for _ in clip.iter_frames())
     size = clip.size

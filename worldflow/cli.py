@@ -107,7 +107,7 @@ def run_play(args) -> None:
     n = env.action_space.n
     player = Player(env, scale=args.scale, fps=args.fps, autoplay=make_policy(args.autoplay, n, args.seed),
                     agent=make_policy(args.agent, n, args.seed), compare=args.compare, record=args.record,
-                    seed=args.seed)
+                    screenshot=args.screenshot, seed=args.seed)
     summary = player.run(args.max_steps)
     print(f"played {summary['steps']} steps in {summary['seconds']:.1f} s: {summary['fps']:.1f} frames/s"
           + (f"; recorded {summary['record']}" if summary["record"] else ""))
@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps")
     p.add_argument("--episode-steps", type=int, default=10_000, help="a dreamed episode is truncated after N steps")
     p.add_argument("--record", default=None, help="record what is shown to clip.mp4")
+    p.add_argument("--screenshot", default=None, help="save the last frame shown to a PNG on exit")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--sampler", choices=["jacobi", "sequential"], default="jacobi")
     p.add_argument("--denoiser", choices=["flow-score", "tweedie", "none"], default="flow-score")

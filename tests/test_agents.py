@@ -97,3 +97,21 @@ def test_missing_or_corrupt_agents_give_clear_errors(tmp_path):
     (tmp_path / "a" / "model.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(ValueError, match="corrupt"):
         load_agent(tmp_path / "a")
+
+
+def test_collect_with_a_saved_agent_as_behaviour_policy(tmp_path, capsys):
+    net = ActorCritic(AgentSpec(num_actions=4, env_id="ALE/Breakout-v5"))
+    with torch.no_grad():
+        net.policy.bias.copy_(torch.tensor([0.0, 0.0, 20.0, 0.0]))  # always RIGHT
+    save_agent(net, tmp_path / "right")
+    out = tmp_path / "d"
+    assert main(["collect", "--env", "ALE/Breakout-v5", "--steps", "40", "--out", str(out),
+                 "--policy", str(tmp_path / "right")]) == 0
+    from worldflow.collect import shard_paths
+
+    actions = np.concatenate([np.load(p)["actions"] for p in shard_paths(out)])
+    assert len(actions) == 40 and (actions == 2).all()
+    assert json.loads((out / "manifest.json").read_text())["policy"] == str((tmp_path / "right").resolve())
+    # resuming into it with another behaviour policy would mix two datasets: refused
+    assert main(["collect", "--env", "ALE/Breakout-v5", "--steps", "80", "--out", str(out)]) == 2
+    assert "policy" in capsys.readouterr().err

@@ -27,10 +27,26 @@ def make_policy(name: str | None, num_actions: int, seed: int | None):
 
 
 def run_collect(args) -> None:
+    from pathlib import Path
+
     from .collect import collect
 
+    factory, name = None, args.policy
+    if args.policy != "random":  # a saved agent, rebuilt inside each worker from its directory
+        import functools
+
+        from .agents import AgentPolicy
+        from .collect import make_env
+
+        name = str(Path(args.policy).resolve())
+        spec, env = AgentPolicy(name).net.spec, make_env(args.env)  # a bad agent fails here, not in a worker
+        if (spec.num_actions, spec.frame_size) != (env.action_space.n, args.size):
+            raise ValueError(f"agent {args.policy} acts with {spec.num_actions} actions on {spec.frame_size}px "
+                             f"frames; {args.env} at --size {args.size} needs {env.action_space.n} on {args.size}px")
+        env.close()
+        factory = functools.partial(AgentPolicy, name)
     manifest = collect(args.env, args.steps, args.out, size=args.size, seed=args.seed, workers=args.workers,
-                       ray_address=args.ray_address)
+                       ray_address=args.ray_address, policy_factory=factory, policy_name=name)
     print(f"{args.out}: {args.env}, {manifest['num_actions']} actions {manifest['action_meanings']}")
 
 
@@ -146,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, required=True, help="environment steps in total")
     p.add_argument("--out", required=True, help="dataset directory")
     p.add_argument("--workers", type=int, default=0, help="Ray workers (0: in this process)")
-    p.add_argument("--policy", choices=["random"], default="random", help="behaviour policy")
+    p.add_argument("--policy", default="random", help="behaviour policy: 'random' or an agent directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64, help="frames are resized to SIZE x SIZE RGB")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster")

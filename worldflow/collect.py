@@ -72,20 +72,20 @@ def shard_steps(path: Path) -> int:
         return len(shard["actions"])
 
 
-def prepare_output(out: Path, env_id: str, size: int, seed: int) -> dict:
+def prepare_output(out: Path, env_id: str, size: int, seed: int, policy: str = "random") -> dict:
     """Write the manifest (or check a resumed collection's one matches) and return it."""
     env = make_env(env_id)
     manifest = dict(env_id=env_id, num_actions=int(env.action_space.n), action_meanings=action_meanings(env),
                     frame_size=size, env_kwargs={k: v for k, v in (env.spec.kwargs or {}).items()
                                                  if isinstance(v, (int, float, str, bool))},
                     preprocessing=f"RGB observation area-resized to {size}x{size}; env defaults otherwise",
-                    seed=seed, source_shape=list(env.observation_space.shape))
+                    seed=seed, source_shape=list(env.observation_space.shape), policy=policy)
     env.close()
     path = out / "manifest.json"
     if path.exists():
         old = json.loads(path.read_text())
-        for key in ("env_id", "frame_size"):
-            if old.get(key) != manifest[key]:
+        for key in ("env_id", "frame_size", "policy"):
+            if old.get(key, "random") != manifest[key]:
                 raise ValueError(f"{out} already holds a collection with {key}={old.get(key)!r}, "
                                  f"not {manifest[key]!r}: use another --out")
         return old
@@ -95,10 +95,11 @@ def prepare_output(out: Path, env_id: str, size: int, seed: int) -> dict:
 
 
 def collect_worker(env_id: str, steps: int, out: str, size: int, seed: int, worker: int = 0,
-                   on_episode=None) -> int:
+                   on_episode=None, policy_factory=None) -> int:
     """Run episodes until this worker's shards hold `steps` steps; returns steps collected now.
 
     Episode k of worker w is seeded from (seed, w, k), so a resumed run continues the same stream.
+    `policy_factory(episode_seed)` -> a callable (size x size frame) -> action; None: uniform random.
     """
     out = Path(out)
     for stale in (out / SHARD_DIR).glob(f"w{worker:02d}-*.tmp"):
@@ -111,9 +112,10 @@ def collect_worker(env_id: str, steps: int, out: str, size: int, seed: int, work
         ep_seed = int(np.random.SeedSequence([seed, worker, episode]).generate_state(1)[0])
         obs, _ = env.reset(seed=ep_seed)
         env.action_space.seed(ep_seed)
+        policy = policy_factory(ep_seed) if policy_factory else None
         frames, actions, rewards, terms, truncs = [obs], [], [], [], []
         while True:
-            action = env.action_space.sample()
+            action = env.action_space.sample() if policy is None else policy(resize_frames(obs, size))
             obs, reward, terminated, truncated, _ = env.step(action)
             frames.append(obs)
             actions.append(action)
@@ -138,22 +140,25 @@ def collect_worker(env_id: str, steps: int, out: str, size: int, seed: int, work
 
 
 def collect(env_id: str, steps: int, out: str, size: int = 64, seed: int = 0, workers: int = 0,
-            ray_address: str | None = None, progress: bool = True) -> dict:
+            ray_address: str | None = None, progress: bool = True, policy_factory=None,
+            policy_name: str = "random") -> dict:
     """Collect `steps` environment steps into `out` (resuming if it already holds some).
 
-    workers=0 runs in this process; workers=K runs K Ray actors, each filling its own shards.
+    workers=0 runs in this process; workers=K runs K Ray tasks, each filling its own shards.
+    policy_factory (picklable, for Ray) builds the behaviour policy per episode; policy_name goes in
+    the manifest, and a resumed collection must use the same one.
     """
     from tqdm import tqdm
 
     out = Path(out)
-    manifest = prepare_output(out, env_id, size, seed)
+    manifest = prepare_output(out, env_id, size, seed, policy_name)
     n = max(workers, 1)
     budgets = [steps // n + (1 if w < steps % n else 0) for w in range(n)]
     bar = tqdm(total=steps, initial=sum(shard_steps(p) for p in shard_paths(out)), unit="step",
                desc=f"collect {env_id}", disable=not progress)
     try:
         if workers == 0:
-            collect_worker(env_id, steps, str(out), size, seed, 0, on_episode=bar.update)
+            collect_worker(env_id, steps, str(out), size, seed, 0, on_episode=bar.update, policy_factory=policy_factory)
         else:
             import ray
 
@@ -163,7 +168,8 @@ def collect(env_id: str, steps: int, out: str, size: int = 64, seed: int = 0, wo
             # one-shot Ray tasks rather than long-lived actors: a task that dies is retried by Ray,
             # and the retry resumes from the shards its first attempt already renamed into place
             remote = ray.remote(num_cpus=1, max_retries=3)(collect_worker)
-            pending = [remote.remote(env_id, budgets[w], str(out), size, seed, w) for w in range(workers)]
+            pending = [remote.remote(env_id, budgets[w], str(out), size, seed, w, policy_factory=policy_factory)
+                       for w in range(workers)]
             counted: dict[Path, int] = {}
             while pending:  # progress comes from the shards the workers have renamed into place
                 ready, pending = ray.wait(pending, timeout=1.0)

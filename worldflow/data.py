@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from .collect import shard_paths
 
@@ -72,3 +72,9 @@ class ClipDataset(Dataset):
                     actions=torch.from_numpy(ep["actions"][s:s + T - 1]).long(),
                     rewards=torch.from_numpy(ep["rewards"][s:s + T - 1]).float(),
                     terminated=torch.from_numpy(ep["terminated"][s:s + T - 1]))
+
+
+def spread_clips(clips: ClipDataset, count: int) -> dict:
+    """`count` clips spread evenly over the dataset (all if fewer), as one batch dict of stacked tensors."""
+    picks = torch.linspace(0, len(clips) - 1, min(count, len(clips))).long()
+    return default_collate([clips[int(i)] for i in picks])

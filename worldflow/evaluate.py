@@ -16,8 +16,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import default_collate
 
-from .data import ClipDataset, load_manifest
+from .data import ClipDataset, load_manifest, spread_clips
 from .flow import add_noise
 from .world_model import DENOISERS, WorldFlowModel
 
@@ -52,14 +53,6 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return s.mean(dim=(1, 2, 3))
 
 
-def evaluation_clips(data, length: int, count: int, split: str) -> dict:
-    """`count` clips of `length` frames spread evenly over the split: a batch dict of stacked tensors."""
-    clips = ClipDataset(data, length, split)
-    picks = torch.linspace(0, len(clips) - 1, min(count, len(clips))).long()
-    items = [clips[int(i)] for i in picks]
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
-
-
 @torch.no_grad()
 def rollout(model: WorldFlowModel, frames, actions, seed: int, denoiser: str, temperature: float, sampler: str):
     """Dream from frames[:, :K] under actions[:, K-1:] -> (dreamed frames (B, H, S, S, 3), seconds)."""
@@ -92,8 +85,7 @@ def heads_and_likelihood(model: WorldFlowModel, data, split: str, windows: int, 
     generator = torch.Generator(device=model.device).manual_seed(seed)
     bpd, pred_r, real_r, pred_t, real_t = [], [], [], [], []
     for i in range(0, min(windows, len(clips)), 32):
-        batch = [clips[j] for j in range(i, min(i + 32, windows, len(clips)))]
-        b = {k: torch.stack([it[k] for it in batch]) for k in batch[0]}
+        b = default_collate([clips[j] for j in range(i, min(i + 32, windows, len(clips)))])
         bpd.append(model.bits_per_dim(b["frames"], b["actions"], generator))
         noisy = add_noise(model.frames_to_latents(b["frames"]), model.config.noise_sigma, generator)
         _, _, hidden = model.flow_forward(model.to_tokens(noisy), model.frame_conditions(b["actions"]))
@@ -142,7 +134,7 @@ def evaluate(model: WorldFlowModel, data, split: str = "val", horizon: int = 16,
     env_id = load_manifest(data)["env_id"]
     if env_id != model.config.env_id:
         raise ValueError(f"{data} holds {env_id} episodes but the world models {model.config.env_id}")
-    batch = evaluation_clips(data, K + horizon, clips, split)
+    batch = spread_clips(ClipDataset(data, K + horizon, split), clips)
     frames, actions = batch["frames"], batch["actions"]
     real, last = frames[:, K:], frames[:, K - 1]
     random_actions = torch.randint(model.config.num_actions, actions.shape,

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from torch.utils.data import default_collate
 
 from .autoencoder import to_pixels
 from .collect import write_json_atomic
 from .config import Config
-from .data import ClipDataset, load_manifest
+from .data import ClipDataset, load_manifest, spread_clips
 from .pretrained import save_contexts
 from .world_model import WorldFlowConfig, WorldFlowModel
 
@@ -41,8 +42,8 @@ def start_contexts(data: str, frames: int, val_fraction: float):
         clips = ClipDataset(data, frames, "val", val_fraction)
     except ValueError:  # held-out episodes too short for a whole window
         clips = ClipDataset(data, frames, "train", val_fraction)
-    picks = [clips[int(i)] for i in torch.linspace(0, len(clips) - 1, min(START_CONTEXTS, len(clips))).long()]
-    return torch.stack([c["frames"] for c in picks]), torch.stack([c["actions"] for c in picks])
+    picks = spread_clips(clips, START_CONTEXTS)
+    return picks["frames"], picks["actions"]
 
 
 def build_model(cfg: Config, manifest: dict) -> WorldFlowModel:
@@ -161,8 +162,7 @@ class Trainer:
 
     def batch(self) -> dict:
         idx = torch.randint(len(self.train_set), (self.cfg.train.batch_size,), generator=self.generator)
-        items = [self.train_set[int(i)] for i in idx]
-        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        return default_collate([self.train_set[int(i)] for i in idx])
 
     def all_finite(self, loss: torch.Tensor) -> bool:
         """Whether every rank's loss is finite: a rank that skipped its backward alone would hang the rest."""

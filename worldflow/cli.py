@@ -9,8 +9,11 @@ import sys
 from . import __version__
 
 
-def make_policy(name: str | None, num_actions: int, seed: int | None):
-    """'random', a saved agent's directory, or None -> a callable obs -> action (or None)."""
+def make_policy(name: str | None, num_actions: int, seed: int | None, frame_size: int = 64):
+    """'random', a saved agent's directory, or None -> a callable obs -> action (or None).
+
+    An agent must act with `num_actions` actions on frame_size x frame_size frames, else a ValueError.
+    """
     if name is None:
         return None
     if name == "random":
@@ -21,8 +24,10 @@ def make_policy(name: str | None, num_actions: int, seed: int | None):
     from .agents import AgentPolicy
 
     policy = AgentPolicy(name, seed)
-    if policy.net.spec.num_actions != num_actions:
-        raise ValueError(f"agent {name} has {policy.net.spec.num_actions} actions; this world has {num_actions}")
+    spec = policy.net.spec
+    if (spec.num_actions, spec.frame_size) != (num_actions, frame_size):
+        raise ValueError(f"agent {name} acts with {spec.num_actions} actions on {spec.frame_size}px frames; "
+                         f"this needs {num_actions} actions on {frame_size}px frames")
     return policy
 
 
@@ -39,10 +44,8 @@ def run_collect(args) -> None:
         from .collect import make_env
 
         name = str(Path(args.policy).resolve())
-        spec, env = AgentPolicy(name).net.spec, make_env(args.env)  # a bad agent fails here, not in a worker
-        if (spec.num_actions, spec.frame_size) != (env.action_space.n, args.size):
-            raise ValueError(f"agent {args.policy} acts with {spec.num_actions} actions on {spec.frame_size}px "
-                             f"frames; {args.env} at --size {args.size} needs {env.action_space.n} on {args.size}px")
+        env = make_env(args.env)
+        make_policy(name, env.action_space.n, None, args.size)  # a bad agent fails here, not in a worker
         env.close()
         factory = functools.partial(AgentPolicy, name)
     manifest = collect(args.env, args.steps, args.out, size=args.size, seed=args.seed, workers=args.workers,
@@ -69,7 +72,7 @@ def run_dream(args) -> None:
 
     env = gym.make("WorldFlow-v0", checkpoint=args.checkpoint, sampler=args.sampler, denoiser=args.denoiser,
                    max_episode_steps=args.steps)
-    policy = make_policy(args.policy, env.action_space.n, args.seed)
+    policy = make_policy(args.policy, env.action_space.n, args.seed, env.observation_space.shape[0])
     obs, _ = env.reset(seed=args.seed)
     frames, total, episodes, done = [obs], 0.0, 1, False
     for _ in tqdm(range(args.steps), desc="dream", unit="frame"):
@@ -120,9 +123,9 @@ def run_play(args) -> None:
 
     env = gym.make("WorldFlow-v0", checkpoint=args.checkpoint, sampler=args.sampler, denoiser=args.denoiser,
                    max_episode_steps=args.episode_steps)
-    n = env.action_space.n
-    player = Player(env, scale=args.scale, fps=args.fps, autoplay=make_policy(args.autoplay, n, args.seed),
-                    agent=make_policy(args.agent, n, args.seed), compare=args.compare, record=args.record,
+    n, size = env.action_space.n, env.observation_space.shape[0]
+    player = Player(env, scale=args.scale, fps=args.fps, autoplay=make_policy(args.autoplay, n, args.seed, size),
+                    agent=make_policy(args.agent, n, args.seed, size), compare=args.compare, record=args.record,
                     screenshot=args.screenshot, seed=args.seed)
     summary = player.run(args.max_steps)
     print(f"played {summary['steps']} steps in {summary['seconds']:.1f} s: {summary['fps']:.1f} frames/s"

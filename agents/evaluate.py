@@ -38,6 +38,12 @@ def summary(returns: list[float]) -> dict:
                 episodes=len(r), returns=r.tolist())
 
 
+def random_policy(num_actions: int, seed: int | None):
+    """The baseline every agent is measured against: uniform over the actions, seeded. obs -> action."""
+    rng = np.random.default_rng(seed)
+    return lambda obs: int(rng.integers(num_actions))
+
+
 def evaluate_agent(agent_dir, env_id: str | None = None, episodes: int = 20, seed: int = 0,
                    max_steps: int = 10_000, progress: bool = True) -> dict:
     """The agent and a uniform random policy on the same seeded episodes of the real game."""
@@ -52,9 +58,8 @@ def evaluate_agent(agent_dir, env_id: str | None = None, episodes: int = 20, see
     if probe.action_space.n != n:
         raise ValueError(f"{env_id} has {probe.action_space.n} actions; agent {agent_dir} was trained for {n}")
     probe.close()
-    rng = np.random.default_rng(seed)
     result = dict(env_id=env_id)
-    for name, policy in (("agent", agent), ("random", lambda obs: int(rng.integers(n)))):
+    for name, policy in (("agent", agent), ("random", random_policy(n, seed))):
         with tqdm(total=episodes, desc=f"{name} in {env_id}", unit="episode", disable=not progress) as bar:
             result[name] = summary(play_real(policy, env_id, episodes, seed, agent.net.spec.frame_size, max_steps,
                                              on_episode=lambda _: bar.update(1)))

@@ -16,6 +16,8 @@ from gymnasium.vector.utils import batch_space
 
 from .dreams import check_action, open_world, start_context, torch_generator
 
+ROW_TENSORS = ("last_solution", "last_noisy", "last_clean")  # WorldState's per-row tensors besides the cache
+
 
 class WorldFlowVectorEnv(gym.vector.VectorEnv):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 15, "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -59,8 +61,8 @@ class WorldFlowVectorEnv(gym.vector.VectorEnv):
         states = [state for state, _ in rows]
         self._state = states[0]
         self._state.cache = _concat_caches([s.cache for s in states], self.guidance is not None)
-        self._state.last_solution = torch.cat([s.last_solution for s in states])
-        self._state.last_noisy = torch.cat([s.last_noisy for s in states])
+        for name in ROW_TENSORS:
+            setattr(self._state, name, torch.cat([getattr(s, name) for s in states]))
         self._frames = torch.stack([f for _, f in rows]).numpy()
         self._t = np.zeros(self.num_envs, dtype=np.int64)
         self._needs_reset = np.zeros(self.num_envs, dtype=bool)
@@ -69,7 +71,8 @@ class WorldFlowVectorEnv(gym.vector.VectorEnv):
     def _replace_row(self, i: int, state) -> None:
         rows = [i, i + self.num_envs] if self.guidance is not None else [i]  # [cond; null] halves
         self._state.cache.set_rows(torch.tensor(rows), state.cache)
-        self._state.last_solution[i], self._state.last_noisy[i] = state.last_solution[0], state.last_noisy[0]
+        for name in ROW_TENSORS:
+            getattr(self._state, name)[i] = getattr(state, name)[0]
 
     def step(self, actions):
         if self._state is None:

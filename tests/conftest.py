@@ -48,7 +48,7 @@ def endless_world(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("endless") / "world"
     model = WorldFlowModel.from_pretrained(tiny_run[1] / "latest")
     with torch.no_grad():
-        model.heads[-1].bias[3] = -20.0
+        model.heads.out[-1].bias[3] = -20.0
     model.save_pretrained(out)
     shutil.copy(tiny_run[1] / "latest" / CONTEXTS, out / CONTEXTS)
     return out

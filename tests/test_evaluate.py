@@ -39,6 +39,9 @@ def _check_result(result, horizon):
     assert min(result["psnr"]["reconstruction"]) > max(result["psnr"]["none"])
     # counterfactual replay: encoding a real clip and decoding it under its own actions gives it back
     assert result["counterfactual"]["roundtrip_max_latent_error"] < 1e-3
+    events = result["dream_reward_events"]
+    assert set(events) == {"real", "flow-score", "tweedie", "none"}
+    assert all(0 <= v <= result["clips"] * horizon for v in events.values())
 
 
 def test_eval_writes_json_and_real_pngs(tiny_run, breakout_data, tmp_path, capsys):

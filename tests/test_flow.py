@@ -18,6 +18,8 @@ def random_block(order="raster", local=False, num_classes=3, token_dim=3, seed=0
     block = TARFlowBlock(token_dim, width=32, depth=2, heads=4, order=order, local=local, num_classes=num_classes)
     torch.nn.init.normal_(block.head.weight, std=0.1)
     torch.nn.init.normal_(block.head.bias, std=0.1)
+    if num_classes:
+        torch.nn.init.normal_(block.cond_tokens.weight, std=0.1)
     return block.eval()
 
 
@@ -80,6 +82,18 @@ def test_streaming_frames_through_a_cache_matches_the_whole_clip_inverse():
     assert torch.allclose(logdet, logdet_ref, atol=1e-3)
     block.forward_frame(x_ref[:, 0], cache, cond[:, 0], commit=False)
     assert cache.length == 5 * (4 + 1)
+
+
+@torch.no_grad()
+def test_every_token_of_a_frame_sees_its_action_and_earlier_frames_do_not():
+    block = random_block()
+    torch.nn.init.zeros_(block.cond_embed.weight)  # the start token no longer carries the action
+    x, cond = torch.randn(2, 3, 5, 3), torch.randint(0, 3, (2, 3))
+    other = cond.clone()
+    other[:, 1] = (other[:, 1] + 1) % 3
+    z, z_other = block(x, cond)[0], block(x, other)[0]
+    assert torch.equal(z[:, 0], z_other[:, 0])  # causal: frame 0 came before the changed action
+    assert (z[:, 1, 1:] - z_other[:, 1, 1:]).abs().amin() > 0  # every token after the start sees it directly
 
 
 @torch.no_grad()

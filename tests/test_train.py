@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from worldflow.cli import main
 from worldflow.config import config_from_dict, load_config
@@ -80,6 +80,29 @@ def test_corrupt_checkpoint_and_bad_config_give_clear_errors(tiny_run, tmp_path,
     cfg.write_text("model:\n  widht: 64\n")
     assert main(["train", "--config", str(cfg), "--data", str(breakout_data), "--out", str(tmp_path / "r")]) == 2
     assert "unknown config key 'model.widht'" in capsys.readouterr().err
+
+
+def test_fine_tune_keeps_the_autoencoder_and_trains_what_the_old_checkpoint_lacked(tiny_run, breakout_data, tmp_path):
+    _, run = tiny_run
+    old = tmp_path / "old"  # as written by an older model: one tensor missing, one the model no longer has
+    shutil.copytree(run / "latest", old)
+    tensors = load_file(old / "model.safetensors")
+    del tensors["deep.cond_tokens.weight"]
+    tensors["heads.retired.weight"] = torch.zeros(2)
+    save_file(tensors, old / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"another version of the model.*deep\.cond_tokens\.weight"):
+        WorldFlowModel.from_pretrained(old)  # never silently uninitialised weights
+    cfg = load_config(TINY)
+    cfg.train.ae_steps, cfg.train.flow_steps, cfg.train.init = 0, 3, str(old)
+    Trainer(cfg, str(breakout_data), str(tmp_path / "ft")).run(progress=False)
+    tuned = WorldFlowModel.from_pretrained(tmp_path / "ft" / "latest").state_dict()
+    kept = [k for k in tensors if k.startswith("ae.") or k.startswith("latent_")]
+    assert kept and all(torch.equal(tuned[k], tensors[k]) for k in kept)
+    assert tuned["deep.cond_tokens.weight"].abs().max() > 0  # started at zero, then trained
+    wide = load_config(TINY)
+    wide.model.width, wide.train.init = 64, str(run / "latest")
+    with pytest.raises(ValueError, match="another architecture"):
+        Trainer(wide, str(breakout_data), str(tmp_path / "wide"))
 
 
 def test_a_few_hundred_steps_lower_held_out_bits_per_dim(breakout_data, tmp_path):

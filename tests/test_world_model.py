@@ -1,9 +1,11 @@
-"""The video world model: exact round trips on real latents, checkpoints, streaming, bad input."""
+"""The video world model: exact round trips on real latents, checkpoints, streaming, bad input, the heads."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from worldflow.data import ClipDataset
+from worldflow.heads import OutcomeHeads
 from worldflow.world_model import WorldFlowModel
 
 
@@ -84,3 +86,39 @@ def test_bad_inputs_raise_clear_errors(model_and_clip, tmp_path):
         model.sample_next(state, torch.tensor([0]), sampler="euler")
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         WorldFlowModel.from_pretrained(tmp_path / "no-such-checkpoint")
+
+
+def test_outcome_heads_learn_a_small_change_anywhere_in_the_frame():
+    """The heads' premise: a reward shows as a local change between two frames, wherever it happens."""
+    torch.manual_seed(0)
+    heads = OutcomeHeads(channels=4, conv_width=16, state_width=8)
+    opt = torch.optim.Adam(heads.parameters(), lr=3e-3)
+
+    def batch(n):
+        previous = torch.randn(n, 4, 16, 16)
+        latent = previous + 0.05 * torch.randn_like(previous)
+        label = torch.randint(0, 2, (n,))
+        for i in torch.nonzero(label).flatten():
+            r, c = torch.randint(0, 15, (2,))
+            latent[i, :, r:r + 2, c:c + 2] += 2.0  # a 2x2 "brick" changes somewhere
+        return latent, previous, label
+
+    for _ in range(200):
+        latent, previous, label = batch(64)
+        loss = F.cross_entropy(heads(latent, previous, torch.zeros(64, 8))[:, :2], label)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    latent, previous, label = batch(512)
+    with torch.no_grad():
+        accuracy = (heads(latent, previous, torch.zeros(512, 8))[:, :2].argmax(-1) == label).float().mean()
+    assert accuracy > 0.95
+
+
+def test_outcome_weights_make_each_reward_sign_and_ending_count_equally():
+    rewards = torch.tensor([0.0] * 90 + [1.0] * 8 + [-3.0] * 2)  # signs are what count
+    terminated = torch.tensor([False] * 96 + [True] * 4)
+    reward_weight, termination_weight = WorldFlowModel.outcome_weights(rewards, terminated)
+    counts = torch.tensor([2.0, 90.0, 8.0])  # -1, 0, +1
+    assert torch.allclose(reward_weight * counts, torch.full((3,), 90.0))
+    assert termination_weight.item() == 24.0  # 96 steps that went on against 4 endings

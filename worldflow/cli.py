@@ -16,12 +16,11 @@ def make_policy(name: str | None, num_actions: int, seed: int | None, frame_size
     """
     if name is None:
         return None
-    if name == "random":
-        import numpy as np
-
-        rng = np.random.default_rng(seed)
-        return lambda obs: int(rng.integers(num_actions))
     from .agents import AgentPolicy
+    from .agents.evaluate import random_policy
+
+    if name == "random":
+        return random_policy(num_actions, seed)
 
     policy = AgentPolicy(name, seed)
     spec = policy.net.spec
@@ -59,8 +58,10 @@ def run_train(args) -> None:
 
     if args.ray_workers < 0:
         raise ValueError(f"--ray-workers must be 0 (this process) or more, got {args.ray_workers}")
-    checkpoint = train(load_config(args.config), args.data, args.out, ray_workers=args.ray_workers,
-                       ray_address=args.ray_address)
+    cfg = load_config(args.config)
+    if args.init:
+        cfg.train.init = args.init
+    checkpoint = train(cfg, args.data, args.out, ray_workers=args.ray_workers, ray_address=args.ray_address)
     print(f"checkpoint: {checkpoint}")
 
 
@@ -175,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/breakout.yaml")
     p.add_argument("--data", required=True, help="dataset directory from `worldflow collect`")
     p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--init", default="", help="fine-tune: start from this checkpoint's weights (the config's "
+                   "train.init); with train.ae_steps 0 its autoencoder is kept")
     p.add_argument("--ray-workers", type=int, default=0, help="data-parallel Ray Train workers "
                    "(DDP over gloo; 0: train in this process, Ray is not started)")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster")

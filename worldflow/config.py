@@ -28,6 +28,7 @@ class ModelConfig:
     action_dropout: float = 0.1  # p of the null action token, for classifier-free guidance
     context_frames: int = 8  # sliding window of the deep block's KV cache, in frames
     denoiser_width: int = 64
+    head_width: int = 32  # reward / termination heads' convolutions over the frame's change
 
 
 @dataclass
@@ -48,6 +49,9 @@ class TrainConfig:
     log_every: int = 25
     checkpoint_every: int = 250
     threads: int = 0  # torch threads; 0 = torch's default
+    # fine-tune: start from this checkpoint's weights (same architecture; tensors it lacks keep their
+    # initialisation). With ae_steps 0 its autoencoder and latent statistics are kept as they are.
+    init: str = ""
 
 
 @dataclass

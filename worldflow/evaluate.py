@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 from .data import ClipDataset, load_manifest, spread_clips
-from .flow import add_noise
 from .world_model import DENOISERS, WorldFlowModel
 
 # fresh evaluation episodes are collected with seed FRESH_SEED_OFFSET + --seed, far from the small seeds
@@ -55,14 +54,17 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def rollout(model: WorldFlowModel, frames, actions, seed: int, denoiser: str, temperature: float, sampler: str):
-    """Dream from frames[:, :K] under actions[:, K-1:] -> (dreamed frames (B, H, S, S, 3), seconds)."""
+    """Dream from frames[:, :K] under actions[:, K-1:] -> (dreamed frames (B, H, S, S, 3), the heads'
+    reward signs (B, H), seconds)."""
     K = model.config.context_frames
     generator = torch.Generator(device=model.device).manual_seed(seed)
     start = time.perf_counter()
     state = model.start(frames[:, :K], actions[:, :K - 1], generator)
-    dreamed = [model.sample_next(state, actions[:, h], generator, sampler, denoiser, temperature).frames
-               for h in range(K - 1, actions.shape[1])]
-    return torch.stack(dreamed, dim=1).cpu(), time.perf_counter() - start
+    steps = [model.sample_next(state, actions[:, h], generator, sampler, denoiser, temperature)
+             for h in range(K - 1, actions.shape[1])]
+    seconds = time.perf_counter() - start
+    return (torch.stack([s.frames for s in steps], dim=1).cpu(), torch.stack([s.reward for s in steps], dim=1).cpu(),
+            seconds)
 
 
 def fidelity(pred: torch.Tensor, real: torch.Tensor, last: torch.Tensor) -> dict:
@@ -86,10 +88,8 @@ def heads_and_likelihood(model: WorldFlowModel, data, split: str, windows: int, 
     bpd, pred_r, real_r, pred_t, real_t = [], [], [], [], []
     for i in range(0, min(windows, len(clips)), 32):
         b = default_collate([clips[j] for j in range(i, min(i + 32, windows, len(clips)))])
-        bpd.append(model.bits_per_dim(b["frames"], b["actions"], generator))
-        noisy = add_noise(model.frames_to_latents(b["frames"]), model.config.noise_sigma, generator)
-        _, _, hidden = model.flow_forward(model.to_tokens(noisy), model.frame_conditions(b["actions"]))
-        logits = model.heads(hidden[:, 1:])  # as in training: frame t's state predicts the step into it
+        log_p, logits = model.score_clip(b["frames"], b["actions"], generator)  # logits: the steps into frames 1..
+        bpd.append(model.to_bits_per_dim(log_p, K))
         pred_r.append(logits[..., :3].argmax(-1).flatten() - 1)
         real_r.append(b["rewards"].sign().long().flatten())
         pred_t.append(torch.sigmoid(logits[..., 3]).flatten() > 0.5)
@@ -141,10 +141,10 @@ def evaluate(model: WorldFlowModel, data, split: str = "val", horizon: int = 16,
                                    generator=torch.Generator().manual_seed(seed + 1))
     random_actions[:, :K - 1] = actions[:, :K - 1]  # the same real context; only the future actions differ
     jobs = [(mode, actions) for mode in DENOISERS] + [("random_actions", random_actions)]
-    dreams, result, seconds = {}, dict(psnr={}, psnr_changed={}, ssim={}), {}
+    dreams, rewards, result, seconds = {}, {}, dict(psnr={}, psnr_changed={}, ssim={}), {}
     for name, acts in tqdm(jobs, desc="eval rollouts", disable=not progress):
         denoiser = "flow-score" if name == "random_actions" else name
-        dreams[name], seconds[name] = rollout(model, frames, acts, seed, denoiser, temperature, sampler)
+        dreams[name], rewards[name], seconds[name] = rollout(model, frames, acts, seed, denoiser, temperature, sampler)
     dreams["repeat_last"] = last[:, None].expand_as(real)
     dreams["reconstruction"] = model.latents_to_frames(model.frames_to_latents(real)).cpu()
     for name, pred in dreams.items():
@@ -156,6 +156,9 @@ def evaluate(model: WorldFlowModel, data, split: str = "val", horizon: int = 16,
         result[key].pop("random_actions")
     result.update(heads_and_likelihood(model, data, split, windows, seed))
     result["counterfactual"] = counterfactual(model, frames[:8], actions[:8])
+    # does the dream pay rewards? (an agent trained in it learns from nothing else)
+    result["dream_reward_events"] = dict(real=int((batch["rewards"][:, K - 1:] != 0).sum()),
+                                         **{mode: int((rewards[mode] != 0).sum()) for mode in DENOISERS})
     B = len(frames)
     result["dream_frames_per_s"] = {mode: B * horizon / seconds[mode] for mode in DENOISERS}
     result.update(clips=B, horizon=horizon, context_frames=K, seed=seed, temperature=temperature,

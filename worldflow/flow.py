@@ -2,7 +2,9 @@
 
 Shapes: a clip of token grids is x (B, T, N, D): B samples, T frames, N tokens per frame, D
 channels per token. A block is a causal transformer over the frames' tokens, each frame preceded
-by a start token (learned, plus the frame's condition embedding: the action taken before it):
+by a start token (learned, plus the frame's condition embedding: the action taken before it);
+a conditioned block also adds a second embedding of the condition to every token of its frame,
+so each prediction sees the action directly instead of only through attention to the start token:
 
     sequence = [start_0, x_0,0 .. x_0,N-1, start_1, x_1,0 .. x_1,N-1, ...]
 
@@ -87,6 +89,10 @@ class TARFlowBlock(nn.Module):
         self.start = nn.Parameter(torch.randn(width) * 0.02)
         # one row per class plus a learned null row (index num_classes) for dropout / guidance
         self.cond_embed = nn.Embedding(num_classes + 1, width) if num_classes else None
+        # the per-token condition starts at zero: a block trained without it loads and behaves unchanged
+        self.cond_tokens = nn.Embedding(num_classes + 1, width) if num_classes else None
+        if num_classes:
+            nn.init.zeros_(self.cond_tokens.weight)
         self.transformer = CausalTransformer(width, depth, heads)
         self.head = nn.Linear(width, 2 * token_dim)
         nn.init.zeros_(self.head.weight)
@@ -101,21 +107,24 @@ class TARFlowBlock(nn.Module):
             return x.flip(1).flip(2)
         return x
 
-    def _start_tokens(self, cond, B: int, T: int) -> torch.Tensor:
-        """(B, T, width): the learned start token, plus each frame's condition embedding."""
+    def _frame_inputs(self, cond, B: int, T: int):
+        """Each frame's start token and the condition bias added to its data tokens, both (B, T, width)."""
         start = self.start.expand(B, T, -1)
         if self.cond_embed is None:
-            return start
+            return start, torch.zeros_like(start)
         if cond is None:
             cond = torch.full((B, T), self.num_classes, dtype=torch.long, device=start.device)
         if self.order == "reverse":
             cond = cond.flip(1)
-        return start + self.cond_embed(cond)
+        return start + self.cond_embed(cond), self.cond_tokens(cond)
 
-    def _branch_starts(self, cond, B: int, T: int, guidance) -> torch.Tensor:
-        """Start tokens for inversion: (B, T, W), or [cond; null] rows (2B, T, W) under guidance."""
-        start = self._start_tokens(cond, B, T)
-        return start if guidance is None else torch.cat([start, self._start_tokens(None, B, T)])
+    def _branch_inputs(self, cond, B: int, T: int, guidance):
+        """`_frame_inputs` for inversion: (B, T, W) each, or [cond; null] rows (2B, T, W) under guidance."""
+        start, bias = self._frame_inputs(cond, B, T)
+        if guidance is None:
+            return start, bias
+        null_start, null_bias = self._frame_inputs(None, B, T)
+        return torch.cat([start, null_start]), torch.cat([bias, null_bias])
 
     def _to_noise(self, xp, h):
         """z = (x - mu) / s from the transformer outputs h (..., N+1, W); logdet summed over tokens (...)."""
@@ -157,7 +166,8 @@ class TARFlowBlock(nn.Module):
             x, cond = self._fold(x, cond)
         xp = self._permute(x)
         b, t = xp.shape[:2]
-        tokens = torch.cat([self._start_tokens(cond, b, t)[:, :, None], self.proj_in(xp)], dim=2)  # (b, t, N+1, W)
+        start, bias = self._frame_inputs(cond, b, t)
+        tokens = torch.cat([start[:, :, None], self.proj_in(xp) + bias[:, :, None]], dim=2)  # (b, t, N+1, W)
         h = self.transformer(tokens.flatten(1, 2)).view(b, t, N + 1, -1)
         zp, logdet = self._to_noise(xp, h)
         z = self._permute(zp).reshape(B, T, N, D)
@@ -180,8 +190,8 @@ class TARFlowBlock(nn.Module):
         self._check_cond(None if cond is None else cond[:, None], x.shape[0], 1)
         xp = x.flip(1) if self.order == "reverse_within_frame" else x
         past = cache.length
-        start = self._start_tokens(None if cond is None else cond[:, None], x.shape[0], 1)
-        h = self.transformer(torch.cat([start, self.proj_in(xp)], dim=1), cache)
+        start, bias = self._frame_inputs(None if cond is None else cond[:, None], x.shape[0], 1)
+        h = self.transformer(torch.cat([start, self.proj_in(xp) + bias], dim=1), cache)
         if not commit:
             cache.rewind(past)
         zp, logdet = self._to_noise(xp, h)
@@ -196,14 +206,16 @@ class TARFlowBlock(nn.Module):
             mu, s = guided_affine(mu_c, s_c, mu_u, s_u, guidance)
         return mu + s * z
 
-    def _embed(self, x, guidance):
+    def _embed(self, x, bias, guidance):
+        """Data tokens (B, n, D) -> transformer inputs (B or 2B, n, W); bias (B or 2B, W) is the frame's condition."""
         x = self.proj_in(x)
-        return x if guidance is None else torch.cat([x, x])  # the guided token goes into both branches
+        x = x if guidance is None else torch.cat([x, x])  # the guided token goes into both branches
+        return x + bias[:, None]
 
-    def _solve_frame(self, z, start, cache: KVCache, method: str, init, guidance, tol: float, max_iters):
+    def _solve_frame(self, z, start, bias, cache: KVCache, method: str, init, guidance, tol: float, max_iters):
         """Invert one frame in this block's token order, given everything before it in `cache`.
 
-        z (B, N, D); start (B or 2B, W). Appends the frame's N+1 tokens to the cache.
+        z (B, N, D); start and the condition bias (B or 2B, W). Appends the frame's N+1 tokens to the cache.
         Returns Inversion(x (B, N, D), sweeps used, logdet (B,), hidden state after the frame (B, W)).
         """
         B, N, _ = z.shape
@@ -212,7 +224,7 @@ class TARFlowBlock(nn.Module):
             for i in range(N):
                 hs.append(self.transformer(token, cache)[:, 0])
                 xs.append(self._affine_step(hs[-1], z[:, i], guidance))
-                token = self._embed(xs[-1], guidance)[:, None]
+                token = self._embed(xs[-1][:, None], bias, guidance)
             hs.append(self.transformer(token, cache)[:, 0])  # the last token too, so later frames see it
             x, h, iters = torch.stack(xs, dim=1), torch.stack(hs, dim=1), N
         elif method == "jacobi":
@@ -222,7 +234,7 @@ class TARFlowBlock(nn.Module):
             max_iters = N if max_iters is None else min(max_iters, N)
             done = torch.zeros(B, dtype=torch.bool, device=z.device)
             for iters in range(1, max_iters + 1):
-                tokens = torch.cat([start[:, None], self._embed(x[:, :-1], guidance)], dim=1)
+                tokens = torch.cat([start[:, None], self._embed(x[:, :-1], bias, guidance)], dim=1)
                 h = self.transformer(tokens, cache)
                 cache.rewind(past)
                 x_new = self._affine_step(h, z, guidance)
@@ -233,7 +245,7 @@ class TARFlowBlock(nn.Module):
                 if done.all():
                     break
             # commit the solved frame so the cache holds exactly what a forward pass would have
-            tokens = torch.cat([start[:, None], self._embed(x, guidance)], dim=1)
+            tokens = torch.cat([start[:, None], self._embed(x, bias, guidance)], dim=1)
             h = self.transformer(tokens, cache)
         else:
             raise ValueError(f"method must be 'jacobi' or 'sequential', got {method!r}")
@@ -262,12 +274,12 @@ class TARFlowBlock(nn.Module):
                 init = init[:, None].expand(B, T, N, D).reshape(B * T, N, D)
         zp = self._permute(z)
         b, t = zp.shape[:2]
-        start = self._branch_starts(cond, b, t, guidance)
+        start, bias = self._branch_inputs(cond, b, t, guidance)
         cache = self.transformer.new_cache()
         guess = None if init is None else self._permute(init[:, None])[:, 0]
         xs, iters, logdet = [], [], 0.0
         for i in range(t):
-            frame = self._solve_frame(zp[:, i], start[:, i], cache, method, guess, guidance, tol, max_iters)
+            frame = self._solve_frame(zp[:, i], start[:, i], bias[:, i], cache, method, guess, guidance, tol, max_iters)
             xs.append(frame.x)
             iters.append(frame.iterations)
             logdet = logdet + frame.logdet
@@ -294,12 +306,13 @@ class TARFlowBlock(nn.Module):
         if self.local or self.order == "reverse":
             raise ValueError("invert_frame streams frames through a non-local block in frame order")
         self._check_inverse_args(z[:, None], None if cond is None else cond[:, None], guidance)
-        start = self._branch_starts(None if cond is None else cond[:, None], z.shape[0], 1, guidance)[:, 0]
+        start, bias = self._branch_inputs(None if cond is None else cond[:, None], z.shape[0], 1, guidance)
+        start, bias = start[:, 0], bias[:, 0]
         if self.order == "reverse_within_frame":
-            out = self._solve_frame(z.flip(1), start, cache, method, None if init is None else init.flip(1),
+            out = self._solve_frame(z.flip(1), start, bias, cache, method, None if init is None else init.flip(1),
                                     guidance, tol, max_iters)
             return out._replace(x=out.x.flip(1))
-        return self._solve_frame(z, start, cache, method, init, guidance, tol, max_iters)
+        return self._solve_frame(z, start, bias, cache, method, init, guidance, tol, max_iters)
 
 
 class TARFlow(nn.Module):

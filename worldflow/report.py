@@ -73,6 +73,8 @@ def table(result: dict) -> str:
               f"(on {result['nonzero_rewards']} nonzero rewards: {result['reward_sign_accuracy_nonzero']})",
               f"termination precision {result['termination_precision']} recall {result['termination_recall']} "
               f"({result['terminations']} terminations)",
+              "nonzero rewards in the dreams' steps: real {real}, dreamed ".format(**result["dream_reward_events"])
+              + ", ".join(f"{k} {v}" for k, v in result["dream_reward_events"].items() if k != "real"),
               f"counterfactual round trip {cf['roundtrip_psnr']:.1f} dB (max latent error "
               f"{cf['roundtrip_max_latent_error']:.2e}); under other actions {cf['other_actions_psnr']:.1f} dB",
               "dream frames/s at batch {}: ".format(result["clips"])

@@ -52,6 +52,24 @@ def build_model(cfg: Config, manifest: dict) -> WorldFlowModel:
                                           env_kwargs=manifest.get("env_kwargs", {}), **cfg.to_dict()["model"]))
 
 
+def init_from(model: WorldFlowModel, path: str) -> tuple[list[str], list[str]]:
+    """Copy a checkpoint's weights into `model` by name; returns (model tensors it lacked, its tensors unused).
+
+    A tensor present in both with a different shape means another architecture: a clear error.
+    """
+    file = Path(path) / "model.safetensors"
+    if not file.is_file():
+        raise FileNotFoundError(f"train.init {path} is not a WorldFlow checkpoint: model.safetensors is missing")
+    source = load_file(file)  # the tensors themselves: the checkpoint's model class may be an older version
+    target = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in source.items()
+             if k in target and v.shape != target[k].shape]
+    if wrong:
+        raise ValueError(f"train.init {path} has another architecture than this config: {'; '.join(wrong[:5])}")
+    model.load_state_dict({k: v for k, v in source.items() if k in target}, strict=False)
+    return sorted(set(target) - set(source)), sorted(set(source) - set(target))
+
+
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10% of base."""
     if step < warmup:
@@ -133,6 +151,9 @@ class Trainer:
         self.manifest = load_manifest(data)
         self.train_set = ClipDataset(data, t.clip_frames, "train", t.val_fraction)
         self.contexts = start_contexts(data, cfg.model.context_frames, t.val_fraction)
+        steps = {k: torch.from_numpy(np.concatenate([ep[k] for ep in self.train_set.episodes]))
+                 for k in ("rewards", "terminated")}
+        self.reward_weight, self.termination_weight = WorldFlowModel.outcome_weights(steps["rewards"], steps["terminated"])
         torch.manual_seed(t.seed)
         self.model = build_model(cfg, self.manifest)
         m = self.model
@@ -144,10 +165,15 @@ class Trainer:
         self.step, self.skipped = 0, 0
         if has_checkpoint(self.out):
             self._resume()
-        elif rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            write_json_atomic(self.out / "manifest.json", self.manifest)
+        else:
+            if t.init:
+                new, unused = init_from(self.model, t.init)
+                if rank == 0:
+                    print(f"initialised from {t.init}; new tensors: {new or 'none'}; unused: {unused or 'none'}")
+            if rank == 0:
+                self.out.mkdir(parents=True, exist_ok=True)
+                (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+                write_json_atomic(self.out / "manifest.json", self.manifest)
         self.net = self.model  # what the steps call; DistributedDataParallel around it when data-parallel
         if world_size > 1:
             # each rank draws its own batches and noise (a resumed rank too: the checkpoint holds rank 0's)
@@ -196,7 +222,8 @@ class Trainer:
         for group in self.flow_opt.param_groups:
             group["lr"] = lr_at(step, t.flow_steps, t.lr, t.warmup_steps)
         b = self.batch()
-        losses, noisy = self.net("flow", b["frames"], b["actions"], b["rewards"], b["terminated"], self.generator)
+        losses, noisy = self.net("flow", b["frames"], b["actions"], b["rewards"], b["terminated"], self.generator,
+                                 self.reward_weight, self.termination_weight)
         if not self.all_finite(losses["total"]):
             self.skipped += 1
             return {k: float("nan") for k in losses}
@@ -262,7 +289,7 @@ class Trainer:
         self.model.train()
         try:
             while self.step < self.total_steps:
-                if self.step == t.ae_steps:
+                if self.step == t.ae_steps and not (t.init and t.ae_steps == 0):  # a fine-tune keeps its stats
                     self.fit_latent_stats()
                 stage = "ae" if self.step < t.ae_steps else "flow"
                 metrics = self.ae_step() if stage == "ae" else self.flow_step()

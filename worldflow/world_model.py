@@ -6,8 +6,9 @@
       -> shallow blocks: local, per frame, unconditional, alternating token order
       -> deep block: causal over the whole clip, an action token before each frame
       -> z ~ N(0, I)
-The deep block's per-frame hidden state feeds the reward (-1/0/+1) and termination heads; its KV
-cache over a sliding window of past frames is the simulator's state (`WorldState`).
+The reward (-1/0/+1) and termination heads read the deep block's per-frame hidden state and the
+frame's change from the last one (heads.py); the deep block's KV cache over a sliding window of
+past frames is the simulator's state (`WorldState`).
 Cond for frame t is the action taken before it; frame 0 gets the null action (index num_actions).
 """
 
@@ -27,6 +28,7 @@ from .autoencoder import Autoencoder, to_frames, to_pixels
 from .config import ModelConfig
 from .denoiser import FrameDenoiser
 from .flow import TARFlowBlock, add_noise, gaussian_log_prob
+from .heads import OutcomeHeads
 from .transformer import KVCache
 
 hf_logging.disable_progress_bar()
@@ -53,6 +55,7 @@ class WorldState:
     cache: KVCache
     last_solution: torch.Tensor  # (B, N, D) deep-block input of the last frame: Jacobi's warm start
     last_noisy: torch.Tensor  # (B, C, h, w) last noisy latent grid: the denoiser's context
+    last_clean: torch.Tensor  # (B, C, h, w) last clean (denoised) latent grid: the heads' context
     guidance: float | None
 
 
@@ -87,8 +90,7 @@ class WorldFlowModel(PreTrainedModel):
         deep_order = ("raster", "reverse_within_frame")[c.shallow_blocks % 2]
         self.deep = TARFlowBlock(self.token_dim, c.width, c.deep_depth, c.heads, order=deep_order,
                                  num_classes=c.num_actions)
-        # reward sign logits (3) and termination logit (1) from the deep block's per-frame state
-        self.heads = nn.Sequential(nn.Linear(c.width, c.width), nn.GELU(), nn.Linear(c.width, 4))
+        self.heads = OutcomeHeads(c.latent_channels, c.head_width, c.width)
         self.denoiser = FrameDenoiser(c.latent_channels, c.denoiser_width)
         self.post_init()
 
@@ -97,15 +99,24 @@ class WorldFlowModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, path, *args, **kwargs):
-        """Load `config.json` + `model.safetensors` from a directory, with clear errors when they are bad."""
+        """Load `config.json` + `model.safetensors` from a directory, with clear errors when they are bad.
+
+        Every tensor must match: a tensor the file lacks would be left uninitialised, not trained.
+        """
         path = Path(path)
         for name in ("config.json", "model.safetensors"):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path} is not a WorldFlow checkpoint: {name} is missing")
         try:
-            return super().from_pretrained(path, *args, local_files_only=True, **kwargs)
+            model, info = super().from_pretrained(path, *args, local_files_only=True, output_loading_info=True, **kwargs)
         except Exception as e:  # safetensors / json errors deep inside transformers
             raise ValueError(f"checkpoint {path} is corrupt or incompatible: {type(e).__name__}: {e}") from None
+        wrong = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if any(wrong.values()):
+            raise ValueError(f"checkpoint {path} was written for another version of the model "
+                             f"(fine-tune it with `worldflow train --init`): " +
+                             "; ".join(f"{k.replace('_', ' ')}: {v[:6]}" for k, v in wrong.items() if v))
+        return model
 
     # ---- frames <-> latents <-> tokens ----------------------------------------------------------
     def frames_to_latents(self, frames: torch.Tensor) -> torch.Tensor:
@@ -168,8 +179,9 @@ class WorldFlowModel(PreTrainedModel):
         z, ld, hidden = self.deep(tokens, cond, return_hidden=True)
         return z, logdet + ld, hidden
 
-    def log_prob(self, frames: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None):
-        """Exact log-density (nats, per clip) of the sigma-noised latents of `frames` under `actions`.
+    def score_clip(self, frames: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None):
+        """One teacher-forced pass over a real clip: the exact log-density (nats, per clip (B,)) of the
+        sigma-noised latents of `frames` under `actions`, and the heads' logits (B, T-1, 4) for its steps.
 
         The flow models latents + N(0, sigma^2) noise; the noise is drawn from `generator` (seed 0 if
         none is given), so the same inputs always score the same.
@@ -177,14 +189,21 @@ class WorldFlowModel(PreTrainedModel):
         self.check_frames(frames)
         self.check_actions(actions, frames.shape[0], frames.shape[1] - 1)
         generator = generator or torch.Generator(device=self.device).manual_seed(0)
-        noisy = add_noise(self.frames_to_latents(frames), self.config.noise_sigma, generator)
-        z, logdet, _ = self.flow_forward(self.to_tokens(noisy), self.frame_conditions(actions.to(self.device)))
-        return gaussian_log_prob(z) + logdet
+        latents = self.frames_to_latents(frames)
+        noisy = add_noise(latents, self.config.noise_sigma, generator)
+        z, logdet, hidden = self.flow_forward(self.to_tokens(noisy), self.frame_conditions(actions.to(self.device)))
+        return gaussian_log_prob(z) + logdet, self.outcome_logits(latents, hidden)
+
+    def log_prob(self, frames: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None):
+        """Exact log-density (nats, per clip) of the sigma-noised latents of `frames` under `actions`."""
+        return self.score_clip(frames, actions, generator)[0]
+
+    def to_bits_per_dim(self, log_prob: torch.Tensor, frames: int) -> torch.Tensor:
+        """Latent bits/dim of `frames` frames' log-density: -log p / (latent dims * ln 2). Not pixel bits/dim."""
+        return -log_prob / (frames * self.tokens_per_frame * self.token_dim * math.log(2))
 
     def bits_per_dim(self, frames, actions, generator=None) -> torch.Tensor:
-        """Latent bits/dim (per clip): -log p / (latent dims * ln 2). Not pixel bits/dim."""
-        dims = (frames.shape[1]) * self.tokens_per_frame * self.token_dim
-        return -self.log_prob(frames, actions, generator) / (dims * math.log(2))
+        return self.to_bits_per_dim(self.log_prob(frames, actions, generator), frames.shape[1])
 
     def encode(self, frames: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Real clip -> its noise z (B, T, N, D): the flow's exact forward on the clean latents."""
@@ -225,11 +244,16 @@ class WorldFlowModel(PreTrainedModel):
         pixels = to_pixels(frames.reshape(-1, *frames.shape[-3:])).to(self.device)
         return (self.ae.decode(self.ae.encode(pixels)) - pixels).pow(2).mean()
 
-    def compute_losses(self, frames, actions, rewards, terminated, generator=None):
+    def compute_losses(self, frames, actions, rewards, terminated, generator=None, reward_weight=None,
+                       termination_weight=None):
         """One clip batch -> dict of losses, and the noisy latents (requires grad) for the denoiser.
 
+        reward_weight (3,) weighs the reward signs -1/0/+1 and termination_weight (a scalar) the
+        terminated steps against the rest: rewards and endings are rare, and unweighted the heads
+        learn to predict the majority (see `outcome_weights`).
+
         After `losses["total"].backward()`, noisy.grad is d(flow loss)/d(noisy) alone: the heads read
-        a detached hidden state, so their loss never reaches the latents.
+        clean latents and a detached hidden state, so their loss never reaches the noisy latents.
         """
         with torch.no_grad():
             latents = self.frames_to_latents(frames)
@@ -237,10 +261,25 @@ class WorldFlowModel(PreTrainedModel):
         cond = self.frame_conditions(actions, self.config.action_dropout, generator)
         z, logdet, hidden = self.flow_forward(self.to_tokens(noisy), cond)
         flow = 0.5 * z.pow(2).mean() - logdet.mean() / z[0].numel()
-        logits = self.heads(hidden[:, 1:].detach())  # frame t's state predicts the step that led to it
-        reward = F.cross_entropy(logits[..., :3].flatten(0, 1), (rewards.sign().long() + 1).flatten())
-        term = F.binary_cross_entropy_with_logits(logits[..., 3], terminated.float())
+        logits = self.outcome_logits(latents, hidden)  # frame t predicts the step that led to it
+        reward = F.cross_entropy(logits[..., :3].flatten(0, 1), (rewards.sign().long() + 1).flatten(), weight=reward_weight)
+        term = F.binary_cross_entropy_with_logits(logits[..., 3], terminated.float(), pos_weight=termination_weight)
         return dict(flow=flow, reward=reward, terminated=term, total=flow + reward + term), noisy
+
+    @staticmethod
+    def outcome_weights(rewards: torch.Tensor, terminated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Balanced loss weights from a dataset's steps: each reward sign, and ending vs not, counts as
+        much in total as the others (a sign never seen gets the weight of one occurrence)."""
+        counts = torch.bincount(rewards.sign().long() + 1, minlength=3).float().clamp_min(1)
+        ends = terminated.float().sum().clamp_min(1)
+        return counts.max() / counts, (len(terminated) - ends) / ends
+
+    def outcome_logits(self, latents: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Clean clip latents (B, T, C, h, w) and deep states (B, T, W) -> logits (B, T-1, 4) of the steps
+        into frames 1..T-1. The states are detached: the heads' loss never shapes the flow."""
+        B, T = latents.shape[:2]
+        logits = self.heads(latents[:, 1:].flatten(0, 1), latents[:, :-1].flatten(0, 1), hidden[:, 1:].detach().flatten(0, 1))
+        return logits.view(B, T - 1, 4)
 
     def denoiser_loss(self, noisy: torch.Tensor) -> torch.Tensor:
         """MSE of D(x~_t, x~_t-1) to sigma * grad NLL, from noisy.grad left by the flow loss's backward."""
@@ -276,7 +315,8 @@ class WorldFlowModel(PreTrainedModel):
         cond = self.frame_conditions(actions.to(self.device))
         frames = torch.cat([frames[:, :1].expand(-1, W - K, -1, -1, -1), frames], dim=1)
         cond = F.pad(cond, (W - K, 0), value=self.config.num_actions)
-        noisy = add_noise(self.frames_to_latents(frames), self.config.noise_sigma, generator)
+        latents = self.frames_to_latents(frames)
+        noisy = add_noise(latents, self.config.noise_sigma, generator)
         tokens = self.to_tokens(noisy)
         for block in self.shallow:
             tokens = block(tokens)[0]
@@ -284,7 +324,7 @@ class WorldFlowModel(PreTrainedModel):
         for t in range(W):
             x, c = self._both_branches(tokens[:, t], cond[:, t], guidance)
             self.deep.forward_frame(x, cache, c)
-        return WorldState(cache, tokens[:, -1], noisy[:, -1], guidance)
+        return WorldState(cache, tokens[:, -1], noisy[:, -1], latents[:, -1], guidance)
 
     def _tweedie(self, noisy: torch.Tensor, past: KVCache, cond: torch.Tensor) -> torch.Tensor:
         """Exact reference: x~ + sigma^2 * grad log p(x~_t | past, action), by autograd through the flow."""
@@ -332,11 +372,11 @@ class WorldFlowModel(PreTrainedModel):
             clean = self._tweedie(noisy, past, cond)
         else:
             clean = noisy
-        logits = self.heads(deep.hidden)
+        logits = self.heads(clean, state.last_clean, deep.hidden)
         log_p = gaussian_log_prob(z) + logdet
-        state.last_solution, state.last_noisy = deep.x, noisy
+        state.last_solution, state.last_noisy, state.last_clean = deep.x, noisy, clean
         state.cache.slide(self.tokens_per_frame + 1)  # the window is always full: drop its oldest frame
         return Step(frames=self.latents_to_frames(clean), reward=logits[:, :3].argmax(-1) - 1,
                     terminated=torch.sigmoid(logits[:, 3]),
-                    bits_per_dim=-log_p / (self.tokens_per_frame * self.token_dim * math.log(2)),
+                    bits_per_dim=self.to_bits_per_dim(log_p, 1),
                     iterations=deep.iterations)

@@ -100,7 +100,7 @@ def test_fine_tune_keeps_the_autoencoder_and_trains_what_the_old_checkpoint_lack
     assert kept and all(torch.equal(tuned[k], tensors[k]) for k in kept)
     assert tuned["deep.cond_tokens.weight"].abs().max() > 0  # started at zero, then trained
     wide = load_config(TINY)
-    wide.model.width, wide.train.init = 64, str(run / "latest")
+    wide.model.width, wide.train.init = 64, str(run)  # a run directory stands for its latest checkpoint
     with pytest.raises(ValueError, match="another architecture"):
         Trainer(wide, str(breakout_data), str(tmp_path / "wide"))
 

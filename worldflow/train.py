@@ -29,7 +29,7 @@ from .autoencoder import to_pixels
 from .collect import write_json_atomic
 from .config import Config
 from .data import ClipDataset, load_manifest, spread_clips
-from .pretrained import save_contexts
+from .pretrained import resolve_world, save_contexts
 from .world_model import WorldFlowConfig, WorldFlowModel
 
 CHECKPOINT = "latest"
@@ -53,14 +53,18 @@ def build_model(cfg: Config, manifest: dict) -> WorldFlowModel:
 
 
 def init_from(model: WorldFlowModel, path: str) -> tuple[list[str], list[str]]:
-    """Copy a checkpoint's weights into `model` by name; returns (model tensors it lacked, its tensors unused).
+    """Copy a checkpoint's (or a run's latest) weights into `model` by name; returns (model tensors it
+    lacked, its tensors unused).
 
     A tensor present in both with a different shape means another architecture: a clear error.
     """
-    file = Path(path) / "model.safetensors"
+    file = resolve_world(path) / "model.safetensors"  # a run directory or a checkpoint directory
     if not file.is_file():
         raise FileNotFoundError(f"train.init {path} is not a WorldFlow checkpoint: model.safetensors is missing")
-    source = load_file(file)  # the tensors themselves: the checkpoint's model class may be an older version
+    try:  # the tensors themselves: the checkpoint's model class may be an older version
+        source = load_file(file)
+    except Exception as e:
+        raise ValueError(f"train.init {file} is corrupt: {type(e).__name__}: {e}") from None
     target = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in source.items()
              if k in target and v.shape != target[k].shape]

@@ -16,7 +16,7 @@ from gymnasium.vector.utils import batch_space
 
 from .dreams import check_action, open_world, start_context, torch_generator
 
-ROW_TENSORS = ("last_solution", "last_noisy", "last_clean")  # WorldState's per-row tensors besides the cache
+ROW_TENSORS = ("last_solution", "last_shallow", "last_noisy", "last_clean")  # WorldState's per-row tensors besides the cache
 
 
 class WorldFlowVectorEnv(gym.vector.VectorEnv):

@@ -54,6 +54,7 @@ class WorldState:
     """The simulator's state: the deep block's KV cache over the last context_frames frames, plus warm starts."""
     cache: KVCache
     last_solution: torch.Tensor  # (B, N, D) deep-block input of the last frame: Jacobi's warm start
+    last_shallow: torch.Tensor  # (B, shallow_blocks, N, D) each shallow block's input of the last frame: theirs
     last_noisy: torch.Tensor  # (B, C, h, w) last noisy latent grid: the denoiser's context
     last_clean: torch.Tensor  # (B, C, h, w) last clean (denoised) latent grid: the heads' context
     guidance: float | None
@@ -317,14 +318,16 @@ class WorldFlowModel(PreTrainedModel):
         cond = F.pad(cond, (W - K, 0), value=self.config.num_actions)
         latents = self.frames_to_latents(frames)
         noisy = add_noise(latents, self.config.noise_sigma, generator)
-        tokens = self.to_tokens(noisy)
+        tokens, shallow_inputs = self.to_tokens(noisy), []
         for block in self.shallow:
+            shallow_inputs.append(tokens[:, -1])
             tokens = block(tokens)[0]
         cache = self.deep.transformer.new_cache()
         for t in range(W):
             x, c = self._both_branches(tokens[:, t], cond[:, t], guidance)
             self.deep.forward_frame(x, cache, c)
-        return WorldState(cache, tokens[:, -1], noisy[:, -1], latents[:, -1], guidance)
+        return WorldState(cache, tokens[:, -1], torch.stack(shallow_inputs, dim=1), noisy[:, -1], latents[:, -1],
+                          guidance)
 
     def _tweedie(self, noisy: torch.Tensor, past: KVCache, cond: torch.Tensor) -> torch.Tensor:
         """Exact reference: x~ + sigma^2 * grad log p(x~_t | past, action), by autograd through the flow."""
@@ -361,10 +364,12 @@ class WorldFlowModel(PreTrainedModel):
         past = state.cache.select(slice(0, B)) if denoiser == "tweedie" else None
         deep = self.deep.invert_frame(z, state.cache, cond, method=sampler, guidance=state.guidance,
                                       init=state.last_solution, tol=tol)
-        tokens, logdet = deep.x, deep.logdet
-        for block in reversed(self.shallow):  # local blocks: the frame alone, in parallel
-            inv = block.inverse(tokens[:, None], method=sampler, tol=tol)
+        tokens, logdet, shallow_inputs = deep.x, deep.logdet, [None] * len(self.shallow)
+        for k in reversed(range(len(self.shallow))):  # local blocks: the frame alone, in parallel
+            # warm-started from this block's solution for the last frame, as the deep block is
+            inv = self.shallow[k].inverse(tokens[:, None], method=sampler, tol=tol, init=state.last_shallow[:, k])
             tokens, logdet = inv.x[:, 0], logdet + inv.logdet
+            shallow_inputs[k] = tokens
         noisy = self.to_latents(tokens)
         if denoiser == "flow-score":
             clean = noisy - self.config.noise_sigma * self.denoiser(noisy, state.last_noisy)
@@ -375,6 +380,7 @@ class WorldFlowModel(PreTrainedModel):
         logits = self.heads(clean, state.last_clean, deep.hidden)
         log_p = gaussian_log_prob(z) + logdet
         state.last_solution, state.last_noisy, state.last_clean = deep.x, noisy, clean
+        state.last_shallow = torch.stack(shallow_inputs, dim=1)
         state.cache.slide(self.tokens_per_frame + 1)  # the window is always full: drop its oldest frame
         return Step(frames=self.latents_to_frames(clean), reward=logits[:, :3].argmax(-1) - 1,
                     terminated=torch.sigmoid(logits[:, 3]),

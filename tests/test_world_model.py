@@ -122,3 +122,18 @@ def test_outcome_weights_make_each_reward_sign_and_ending_count_equally():
     counts = torch.tensor([2.0, 90.0, 8.0])  # -1, 0, +1
     assert torch.allclose(reward_weight * counts, torch.full((3,), 90.0))
     assert termination_weight.item() == 24.0  # 96 steps that went on against 4 endings
+
+
+@torch.no_grad()
+def test_autoencoder_motion_loss_weighs_only_the_pixels_that_changed(model_and_clip):
+    model, frames, _ = model_and_clip
+    clip = frames[:, :2].clone()
+    clip[:, 1] = clip[:, 0]
+    clip[:, 1, 40:42, 30:32] = 255  # a 2x2 "ball" appears in the second frame: the only change
+    loss, mse, moved = model.ae_loss(clip, motion_weight=3.0)
+    pixels = clip.permute(0, 1, 4, 2, 3).float() / 127.5 - 1
+    err = (model.ae.decode(model.ae.encode(pixels.flatten(0, 1))).view_as(pixels) - pixels).pow(2)
+    assert torch.allclose(mse, err.mean())
+    assert torch.allclose(moved, err[:, 1, :, 40:42, 30:32].mean())
+    assert torch.allclose(loss, mse + 3.0 * moved)
+    assert model.ae_loss(clip, motion_weight=0.0)[0] == mse

@@ -38,6 +38,9 @@ class TrainConfig:
     batch_size: int = 16
     ae_steps: int = 2000
     ae_lr: float = 1e-3
+    # weight of the reconstruction MSE over pixels that changed since the previous frame (the moving
+    # ball and paddle), added to the full-frame MSE: without it the autoencoder drops small sprites
+    ae_motion_weight: float = 1.0
     flow_steps: int = 5000
     lr: float = 3e-4
     denoiser_lr: float = 3e-4

@@ -206,13 +206,14 @@ class Trainer:
         t = self.cfg.train
         for group in self.ae_opt.param_groups:
             group["lr"] = lr_at(self.step, t.ae_steps, t.ae_lr, t.warmup_steps)
-        loss = self.net("ae", self.batch()["frames"])
+        loss, mse, moved_mse = self.net("ae", self.batch()["frames"], t.ae_motion_weight)
         self.ae_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.ae.parameters(), t.grad_clip)
         self.ae_opt.step()
         # MSE on [-1, 1] pixels -> PSNR on [0, 255]
-        return dict(ae_mse=loss.item(), ae_psnr=10 * math.log10(4 / max(loss.item(), 1e-10)))
+        return dict(ae_mse=mse.item(), ae_psnr=10 * math.log10(4 / max(mse.item(), 1e-10)),
+                    ae_moved_psnr=10 * math.log10(4 / max(moved_mse.item(), 1e-10)))
 
     @torch.no_grad()
     def fit_latent_stats(self, batches: int = 8) -> None:
@@ -275,7 +276,7 @@ class Trainer:
 
     def _write_metrics(self, rows: list[dict]) -> None:
         path = self.out / "metrics.csv"
-        fields = ["step", "stage", "ae_mse", "ae_psnr", "flow", "bits_per_dim", "reward", "terminated", "total",
+        fields = ["step", "stage", "ae_mse", "ae_psnr", "ae_moved_psnr", "flow", "bits_per_dim", "reward", "terminated", "total",
                   "denoiser", "grad_norm", "lr"]
         new = not path.exists()
         with open(path, "a", newline="") as f:
@@ -303,7 +304,7 @@ class Trainer:
                     opt = self.ae_opt if stage == "ae" else self.flow_opt
                     self._write_metrics([dict(step=self.step, stage=stage, lr=opt.param_groups[0]["lr"], **metrics)])
                     bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()
-                                     if k in ("ae_psnr", "bits_per_dim", "reward", "denoiser")})
+                                     if k in ("ae_psnr", "ae_moved_psnr", "bits_per_dim", "reward", "denoiser")})
                 if lead and self.step % t.checkpoint_every == 0:
                     self.save()
         except KeyboardInterrupt:

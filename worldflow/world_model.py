@@ -232,7 +232,7 @@ class WorldFlowModel(PreTrainedModel):
     def forward(self, stage: str, *inputs):
         """One training stage's loss: the entry DistributedDataParallel wraps in data-parallel training.
 
-        "ae" (frames) -> ae_loss; "flow" (frames, actions, rewards, terminated, generator) -> compute_losses;
+        "ae" (frames, motion_weight) -> ae_loss; "flow" (frames, actions, rewards, terminated, generator) -> compute_losses;
         "denoiser" (noisy) -> denoiser_loss.
         """
         stages = {"ae": self.ae_loss, "flow": self.compute_losses, "denoiser": self.denoiser_loss}
@@ -240,10 +240,19 @@ class WorldFlowModel(PreTrainedModel):
             raise ValueError(f"stage must be one of {list(stages)}, got {stage!r}")
         return stages[stage](*inputs)
 
-    def ae_loss(self, frames: torch.Tensor) -> torch.Tensor:
-        """Reconstruction MSE of uint8 frames (..., S, S, 3) through the autoencoder, on [-1, 1] pixels."""
-        pixels = to_pixels(frames.reshape(-1, *frames.shape[-3:])).to(self.device)
-        return (self.ae.decode(self.ae.encode(pixels)) - pixels).pow(2).mean()
+    def ae_loss(self, frames: torch.Tensor, motion_weight: float = 0.0):
+        """Reconstruction of uint8 clips (B, T, S, S, 3) through the autoencoder, on [-1, 1] pixels.
+
+        Returns (loss, full-frame MSE, MSE over the pixels that changed since the previous frame). The
+        loss adds `motion_weight` times the changed-pixel MSE: Breakout's ball is 2-3 of 4,096 pixels,
+        and a plain MSE reaches 44 dB while drawing it at a sixth of its brightness.
+        """
+        pixels = to_pixels(frames).to(self.device)  # (B, T, 3, S, S)
+        err = (self.ae.decode(self.ae.encode(pixels.flatten(0, 1))).view_as(pixels) - pixels).pow(2)
+        moved = (frames[:, 1:] != frames[:, :-1]).any(-1)[:, :, None].to(self.device)  # (B, T-1, 1, S, S)
+        moved_mse = (err[:, 1:] * moved).sum() / (3 * moved.sum()).clamp_min(1)
+        mse = err.mean()
+        return mse + motion_weight * moved_mse, mse.detach(), moved_mse.detach()
 
     def compute_losses(self, frames, actions, rewards, terminated, generator=None, reward_weight=None,
                        termination_weight=None):

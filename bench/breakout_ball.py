@@ -25,15 +25,18 @@ from worldflow.pretrained import load_world
 PLAY_AREA = (slice(29, 56), slice(4, 60))  # rows between the bricks and the paddle, columns inside the walls
 
 
-def brightest(frames: np.ndarray) -> np.ndarray:
-    """uint8 (..., 64, 64, 3) -> the brightest play-area pixel value (...)."""
+def play_area(frames: np.ndarray) -> np.ndarray:
+    """uint8 (..., 64, 64, 3) -> each play-area pixel's brightest channel, flattened (..., pixels)."""
     area = frames[..., PLAY_AREA[0], PLAY_AREA[1], :].max(-1)
-    return area.reshape(*area.shape[:-2], -1).max(-1)
+    return area.reshape(*area.shape[:-2], -1)
+
+
+def brightest(frames: np.ndarray) -> np.ndarray:
+    return play_area(frames).max(-1)
 
 
 def shows_ball(frames: np.ndarray) -> np.ndarray:
-    area = frames[..., PLAY_AREA[0], PLAY_AREA[1], :].max(-1) > 20
-    lit = area.reshape(*area.shape[:-2], -1).sum(-1)
+    lit = (play_area(frames) > 20).sum(-1)
     return (lit >= 1) & (lit <= 10)
 
 

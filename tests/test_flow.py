@@ -8,18 +8,22 @@ import torch
 from worldflow.flow import TARFlow, TARFlowBlock, add_noise
 
 
-def random_block(order="raster", local=False, num_classes=3, token_dim=3, seed=0):
-    """A block whose head is not the zero-initialised identity, so the tests exercise real maps.
+def random_block(order="raster", local=False, num_classes=3, token_dim=3, seed=0, tokens_per_frame=None):
+    """A block whose head (and position embedding, if it has one) is not the zero-initialised
+    identity, so the tests exercise real maps.
 
     Scales per token land in about [0.5, 2] (a trained block's range); much wider random maps
     compound float32 rounding across frames past the 1e-4 target no matter how inversion is done.
     """
     torch.manual_seed(seed)
-    block = TARFlowBlock(token_dim, width=32, depth=2, heads=4, order=order, local=local, num_classes=num_classes)
+    block = TARFlowBlock(token_dim, width=32, depth=2, heads=4, order=order, local=local, num_classes=num_classes,
+                         tokens_per_frame=tokens_per_frame)
     torch.nn.init.normal_(block.head.weight, std=0.1)
     torch.nn.init.normal_(block.head.bias, std=0.1)
     if num_classes:
         torch.nn.init.normal_(block.cond_tokens.weight, std=0.1)
+    if tokens_per_frame:
+        torch.nn.init.normal_(block.pos, std=0.5)
     return block.eval()
 
 
@@ -30,7 +34,7 @@ ORDERS = [("raster", False), ("reverse", False), ("reverse_within_frame", False)
 @pytest.mark.parametrize("order,local", ORDERS)
 @torch.no_grad()
 def test_inverse_of_forward_is_identity(order, local):
-    block = random_block(order, local)
+    block = random_block(order, local, tokens_per_frame=6)
     x, cond = torch.randn(2, 3, 6, 3), torch.randint(0, 4, (2, 3))
     z, _ = block(x, cond)
     assert (z - x).abs().max() > 0.1  # the map is not the identity
@@ -41,7 +45,7 @@ def test_inverse_of_forward_is_identity(order, local):
 
 @pytest.mark.parametrize("order,local", ORDERS)
 def test_logdet_equals_brute_force_jacobian(order, local):
-    block = random_block(order, local, token_dim=2)
+    block = random_block(order, local, token_dim=2, tokens_per_frame=3)
     x, cond = torch.randn(1, 2, 3, 2), torch.tensor([[1, 3]])
     _, logdet = block(x, cond)
     jac = torch.autograd.functional.jacobian(lambda v: block(v.view(1, 2, 3, 2), cond)[0].flatten(), x.flatten())
@@ -51,7 +55,8 @@ def test_logdet_equals_brute_force_jacobian(order, local):
 @pytest.mark.parametrize("order", ["raster", "reverse_within_frame", "reverse"])
 @torch.no_grad()
 def test_jacobi_matches_sequential_within_n_iterations(order):
-    block, N = random_block(order), 8
+    N = 8
+    block = random_block(order, tokens_per_frame=N)
     z, cond = torch.randn(3, 4, N, 3), torch.randint(0, 3, (3, 4))
     x_seq = block.inverse_sequential(z, cond)
     x_jac, iters, logdet, _ = block.jacobi_invert(z, cond, tol=1e-10)
@@ -62,7 +67,7 @@ def test_jacobi_matches_sequential_within_n_iterations(order):
 
 @torch.no_grad()
 def test_streaming_frames_through_a_cache_matches_the_whole_clip_inverse():
-    block = random_block("reverse_within_frame")
+    block = random_block("reverse_within_frame", tokens_per_frame=4)
     z, cond = torch.randn(2, 5, 4, 3), torch.randint(0, 3, (2, 5))
     x_ref = block.inverse_sequential(z, cond)
     cache, prev, hiddens = block.transformer.new_cache(), None, []
@@ -98,7 +103,7 @@ def test_every_token_of_a_frame_sees_its_action_and_earlier_frames_do_not():
 
 @torch.no_grad()
 def test_guidance_zero_is_the_conditional_inverse_and_positive_guidance_changes_it():
-    block = random_block()
+    block = random_block(tokens_per_frame=5)
     torch.nn.init.normal_(block.cond_embed.weight, std=1.0)
     z, cond = torch.randn(2, 2, 5, 3), torch.randint(0, 3, (2, 2))
     x_cond = block.inverse_sequential(z, cond)
@@ -164,6 +169,20 @@ def test_bad_tokens_raise_clear_errors(bad, match):
         block(bad)
     with pytest.raises(ValueError, match=match):
         block.jacobi_invert(bad)
+
+
+@torch.no_grad()
+def test_position_embedding_starts_neutral_and_fixes_the_frame_size():
+    block, x = random_block(tokens_per_frame=4), torch.randn(2, 3, 4, 3)
+    plain = TARFlowBlock(3, width=32, depth=2, heads=4, num_classes=3).eval()
+    plain.load_state_dict({k: v for k, v in block.state_dict().items() if k != "pos"})
+    assert (block(x)[0] - plain(x)[0]).abs().max() > 1e-2  # the positions are used
+    torch.nn.init.zeros_(block.pos)
+    assert torch.equal(block(x)[0], plain(x)[0])  # at zero, as it starts, it changes nothing
+    with pytest.raises(ValueError, match=r"\(batch, frames, 4, 3\)"):
+        block(torch.randn(2, 3, 5, 3))
+    with pytest.raises(ValueError, match=r"\(batch, frames, 4, 3\)"):
+        block.jacobi_invert(torch.randn(2, 3, 5, 3))
 
 
 def test_bad_conditions_raise_clear_errors():

@@ -44,14 +44,14 @@ def soft_clip(x: torch.Tensor, bound: float = 4.0) -> torch.Tensor:
     return bound * torch.tanh(x / bound)
 
 
-def check_tokens(x, token_dim: int, name: str = "x") -> None:
-    """Raise a ValueError naming what is wrong with a (B, T, N, token_dim) float32 tensor."""
+def check_tokens(x, token_dim: int, name: str = "x", tokens: int | None = None) -> None:
+    """Raise a ValueError naming what is wrong with a (B, T, N, token_dim) float32 tensor (N = `tokens` if given)."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype != torch.float32:
         raise ValueError(f"{name} must be float32, got {x.dtype}")
-    if x.ndim != 4 or x.shape[-1] != token_dim or 0 in x.shape:
-        raise ValueError(f"{name} must have shape (batch, frames, tokens, {token_dim}), got {tuple(x.shape)}")
+    if x.ndim != 4 or x.shape[-1] != token_dim or 0 in x.shape or tokens not in (None, x.shape[2]):
+        raise ValueError(f"{name} must have shape (batch, frames, {tokens or 'tokens'}, {token_dim}), got {tuple(x.shape)}")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or infinite values")
 
@@ -80,13 +80,20 @@ def add_noise(x: torch.Tensor, sigma: float, generator: torch.Generator | None =
 
 class TARFlowBlock(nn.Module):
     def __init__(self, token_dim: int, width: int, depth: int, heads: int,
-                 order: str = "raster", local: bool = False, num_classes: int = 0):
+                 order: str = "raster", local: bool = False, num_classes: int = 0,
+                 tokens_per_frame: int | None = None):
         super().__init__()
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         self.token_dim, self.order, self.local, self.num_classes = token_dim, order, local, num_classes
         self.proj_in = nn.Linear(token_dim, width)
         self.start = nn.Parameter(torch.randn(width) * 0.02)
+        # Where each token sits in its frame (in this block's reading order). RoPE alone gives only
+        # 1-D offsets in the flattened video, so "the same spot one frame back" is a learned
+        # interference pattern; with this it is a content match. Zero at first: a block trained
+        # without it behaves unchanged. Only for a fixed frame size (None: any length, no embedding).
+        self.tokens_per_frame = tokens_per_frame
+        self.pos = nn.Parameter(torch.zeros(tokens_per_frame, width)) if tokens_per_frame else None
         # one row per class plus a learned null row (index num_classes) for dropout / guidance
         self.cond_embed = nn.Embedding(num_classes + 1, width) if num_classes else None
         # the per-token condition starts at zero: a block trained without it loads and behaves unchanged
@@ -159,7 +166,7 @@ class TARFlowBlock(nn.Module):
     # ---- data -> noise ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, return_hidden: bool = False):
         """x (B, T, N, D) -> z (B, T, N, D), logdet (B,) [, hidden (B, T, width) after each frame]."""
-        check_tokens(x, self.token_dim)
+        check_tokens(x, self.token_dim, tokens=self.tokens_per_frame)
         B, T, N, D = x.shape
         self._check_cond(cond, B, T)
         if self.local:
@@ -167,7 +174,7 @@ class TARFlowBlock(nn.Module):
         xp = self._permute(x)
         b, t = xp.shape[:2]
         start, bias = self._frame_inputs(cond, b, t)
-        tokens = torch.cat([start[:, :, None], self.proj_in(xp) + bias[:, :, None]], dim=2)  # (b, t, N+1, W)
+        tokens = torch.cat([start[:, :, None], self._embed(xp, bias[:, :, None])], dim=2)  # (b, t, N+1, W)
         h = self.transformer(tokens.flatten(1, 2)).view(b, t, N + 1, -1)
         zp, logdet = self._to_noise(xp, h)
         z = self._permute(zp).reshape(B, T, N, D)
@@ -186,12 +193,12 @@ class TARFlowBlock(nn.Module):
         """
         if self.local or self.order == "reverse":
             raise ValueError("forward_frame streams frames through a non-local block in frame order")
-        check_tokens(x[:, None], self.token_dim)
+        check_tokens(x[:, None], self.token_dim, tokens=self.tokens_per_frame)
         self._check_cond(None if cond is None else cond[:, None], x.shape[0], 1)
         xp = x.flip(1) if self.order == "reverse_within_frame" else x
         past = cache.length
         start, bias = self._frame_inputs(None if cond is None else cond[:, None], x.shape[0], 1)
-        h = self.transformer(torch.cat([start, self.proj_in(xp) + bias], dim=1), cache)
+        h = self.transformer(torch.cat([start, self._embed(xp, bias)], dim=1), cache)
         if not commit:
             cache.rewind(past)
         zp, logdet = self._to_noise(xp, h)
@@ -206,11 +213,17 @@ class TARFlowBlock(nn.Module):
             mu, s = guided_affine(mu_c, s_c, mu_u, s_u, guidance)
         return mu + s * z
 
-    def _embed(self, x, bias, guidance):
-        """Data tokens (B, n, D) -> transformer inputs (B or 2B, n, W); bias (B or 2B, W) is the frame's condition."""
-        x = self.proj_in(x)
-        x = x if guidance is None else torch.cat([x, x])  # the guided token goes into both branches
-        return x + bias[:, None]
+    def _embed(self, x, bias, first: int = 0, guidance=None):
+        """Data tokens (..., n, D), at places first..first+n-1 of their frame -> transformer inputs (..., n, W).
+
+        bias (..., 1, W) is the frame's condition; with guidance it holds [cond; null] rows (2B) and
+        the tokens go into both branches.
+        """
+        h = self.proj_in(x)
+        if self.pos is not None:
+            h = h + self.pos[first:first + x.shape[-2]]
+        h = h if guidance is None else torch.cat([h, h])
+        return h + bias
 
     def _solve_frame(self, z, start, bias, cache: KVCache, method: str, init, guidance, tol: float, max_iters):
         """Invert one frame in this block's token order, given everything before it in `cache`.
@@ -224,7 +237,7 @@ class TARFlowBlock(nn.Module):
             for i in range(N):
                 hs.append(self.transformer(token, cache)[:, 0])
                 xs.append(self._affine_step(hs[-1], z[:, i], guidance))
-                token = self._embed(xs[-1][:, None], bias, guidance)
+                token = self._embed(xs[-1][:, None], bias[:, None], i, guidance)
             hs.append(self.transformer(token, cache)[:, 0])  # the last token too, so later frames see it
             x, h, iters = torch.stack(xs, dim=1), torch.stack(hs, dim=1), N
         elif method == "jacobi":
@@ -234,7 +247,7 @@ class TARFlowBlock(nn.Module):
             max_iters = N if max_iters is None else min(max_iters, N)
             done = torch.zeros(B, dtype=torch.bool, device=z.device)
             for iters in range(1, max_iters + 1):
-                tokens = torch.cat([start[:, None], self._embed(x[:, :-1], bias, guidance)], dim=1)
+                tokens = torch.cat([start[:, None], self._embed(x[:, :-1], bias[:, None], 0, guidance)], dim=1)
                 h = self.transformer(tokens, cache)
                 cache.rewind(past)
                 x_new = self._affine_step(h, z, guidance)
@@ -245,14 +258,14 @@ class TARFlowBlock(nn.Module):
                 if done.all():
                     break
             # commit the solved frame so the cache holds exactly what a forward pass would have
-            tokens = torch.cat([start[:, None], self._embed(x, bias, guidance)], dim=1)
+            tokens = torch.cat([start[:, None], self._embed(x, bias[:, None], 0, guidance)], dim=1)
             h = self.transformer(tokens, cache)
         else:
             raise ValueError(f"method must be 'jacobi' or 'sequential', got {method!r}")
         return Inversion(x, iters, self._to_noise(x, h[:B])[1], h[:B, -1])
 
     def _check_inverse_args(self, z, cond, guidance):
-        check_tokens(z, self.token_dim, "z")
+        check_tokens(z, self.token_dim, "z", self.tokens_per_frame)
         self._check_cond(cond, z.shape[0], z.shape[1])
         if guidance is not None and self.cond_embed is None:
             raise ValueError("guidance needs a conditioned block (num_classes > 0)")

@@ -87,10 +87,11 @@ class WorldFlowModel(PreTrainedModel):
         self.register_buffer("latent_std", torch.ones(c.latent_channels))
         orders = ("raster", "reverse")
         self.shallow = nn.ModuleList(TARFlowBlock(self.token_dim, c.width, c.shallow_depth, c.heads,
-                                                  order=orders[i % 2], local=True) for i in range(c.shallow_blocks))
+                                                  order=orders[i % 2], local=True,
+                                                  tokens_per_frame=self.tokens_per_frame) for i in range(c.shallow_blocks))
         deep_order = ("raster", "reverse_within_frame")[c.shallow_blocks % 2]
         self.deep = TARFlowBlock(self.token_dim, c.width, c.deep_depth, c.heads, order=deep_order,
-                                 num_classes=c.num_actions)
+                                 num_classes=c.num_actions, tokens_per_frame=self.tokens_per_frame)
         self.heads = OutcomeHeads(c.latent_channels, c.head_width, c.width)
         self.denoiser = FrameDenoiser(c.latent_channels, c.denoiser_width)
         self.post_init()

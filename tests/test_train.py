@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,24 @@ def test_stopped_training_resumes_to_the_same_weights(breakout_data, tmp_path, h
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     steps = [line.split(",")[0] for line in (tmp_path / "stopped" / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == ["2", "4", "6", "8", "10"]  # no row lost, none doubled
+
+
+def test_sigterm_stops_the_cli_like_ctrl_c(breakout_data, tmp_path, monkeypatch):
+    original = Trainer.flow_step
+
+    def terminated_at_step_8(self):
+        if self.step == 8:
+            signal.raise_signal(signal.SIGTERM)  # what `kill PID` sends
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "flow_step", terminated_at_step_8)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        code = main(["train", "--config", TINY, "--data", str(breakout_data), "--out", str(tmp_path / "run")])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert code == 130
+    assert json.loads((tmp_path / "run" / "latest" / "trainer.json").read_text())["step"] == 8
 
 
 def test_resume_survives_a_crash_between_checkpoint_renames(tiny_run, breakout_data, tmp_path):

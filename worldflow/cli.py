@@ -4,6 +4,7 @@ Each subcommand imports what it needs inside its handler, so `worldflow --help` 
 """
 
 import argparse
+import signal
 import sys
 
 from . import __version__
@@ -245,7 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stop_like_ctrl_c(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    # `kill`, a batch scheduler or a container stop sends SIGTERM, and a job started with `&` ignores
+    # Ctrl-C's SIGINT: both then get Ctrl-C's clean stop (save, then exit) instead of dying mid-step.
+    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -6,6 +6,7 @@ Each subcommand imports what it needs inside its handler, so `worldflow --help` 
 import argparse
 import signal
 import sys
+import threading
 
 from . import __version__
 
@@ -251,14 +252,16 @@ def stop_like_ctrl_c(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    # `kill`, a batch scheduler or a container stop sends SIGTERM, and a job started with `&` ignores
-    # Ctrl-C's SIGINT: both then get Ctrl-C's clean stop (save, then exit) instead of dying mid-step.
-    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    # `kill`, a batch scheduler or a container stop sends SIGTERM, and a job started with `&` ignores
+    # Ctrl-C's SIGINT: both then get Ctrl-C's clean stop (save, then exit) instead of dying mid-step.
+    # Only the main thread may set handlers; the caller's handler comes back when the command ends.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop_like_ctrl_c) if in_main_thread else None
     try:
         return args.handler(args) or 0
     except (ValueError, FileNotFoundError) as e:  # bad input: say what, not where in torch
@@ -268,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"worldflow {args.command}: interrupted; what was written is complete, rerun to resume",
               file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:  # None: a handler set outside Python, which Python cannot put back
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

@@ -232,12 +232,13 @@ class TARFlowBlock(nn.Module):
         Returns Inversion(x (B, N, D), sweeps used, logdet (B,), hidden state after the frame (B, W)).
         """
         B, N, _ = z.shape
+        bias = bias[:, None]  # one condition for all the frame's tokens: (B or 2B, 1, W)
         if method == "sequential":
             token, xs, hs = start[:, None], [], []
             for i in range(N):
                 hs.append(self.transformer(token, cache)[:, 0])
                 xs.append(self._affine_step(hs[-1], z[:, i], guidance))
-                token = self._embed(xs[-1][:, None], bias[:, None], i, guidance)
+                token = self._embed(xs[-1][:, None], bias, i, guidance)
             hs.append(self.transformer(token, cache)[:, 0])  # the last token too, so later frames see it
             x, h, iters = torch.stack(xs, dim=1), torch.stack(hs, dim=1), N
         elif method == "jacobi":
@@ -247,7 +248,7 @@ class TARFlowBlock(nn.Module):
             max_iters = N if max_iters is None else min(max_iters, N)
             done = torch.zeros(B, dtype=torch.bool, device=z.device)
             for iters in range(1, max_iters + 1):
-                tokens = torch.cat([start[:, None], self._embed(x[:, :-1], bias[:, None], 0, guidance)], dim=1)
+                tokens = torch.cat([start[:, None], self._embed(x[:, :-1], bias, 0, guidance)], dim=1)
                 h = self.transformer(tokens, cache)
                 cache.rewind(past)
                 x_new = self._affine_step(h, z, guidance)
@@ -258,7 +259,7 @@ class TARFlowBlock(nn.Module):
                 if done.all():
                     break
             # commit the solved frame so the cache holds exactly what a forward pass would have
-            tokens = torch.cat([start[:, None], self._embed(x, bias[:, None], 0, guidance)], dim=1)
+            tokens = torch.cat([start[:, None], self._embed(x, bias, 0, guidance)], dim=1)
             h = self.transformer(tokens, cache)
         else:
             raise ValueError(f"method must be 'jacobi' or 'sequential', got {method!r}")

@@ -83,6 +83,11 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 
 
 # ---- optimizer state as safetensors (no pickle anywhere) ------------------------------------------
+def psnr_of_unit_mse(mse: float) -> float:
+    """MSE on [-1, 1] pixels -> PSNR on [0, 255] (the range is 2, so the peak squared is 4)."""
+    return 10 * math.log10(4 / max(mse, 1e-10))
+
+
 def optimizer_tensors(name: str, opt: torch.optim.Optimizer) -> dict:
     return {f"{name}.{i}.{k}": v.detach().clone().reshape(-1) if v.ndim == 0 else v.detach().clone()
             for i, state in opt.state_dict()["state"].items() for k, v in state.items()}
@@ -211,9 +216,7 @@ class Trainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.ae.parameters(), t.grad_clip)
         self.ae_opt.step()
-        # MSE on [-1, 1] pixels -> PSNR on [0, 255]
-        return dict(ae_mse=mse.item(), ae_psnr=10 * math.log10(4 / max(mse.item(), 1e-10)),
-                    ae_moved_psnr=10 * math.log10(4 / max(moved_mse.item(), 1e-10)))
+        return dict(ae_mse=mse.item(), ae_psnr=psnr_of_unit_mse(mse.item()), ae_moved_psnr=psnr_of_unit_mse(moved_mse.item()))
 
     @torch.no_grad()
     def fit_latent_stats(self, batches: int = 8) -> None:

@@ -89,6 +89,35 @@ def test_streaming_frames_through_a_cache_matches_the_whole_clip_inverse():
     assert cache.length == 5 * (4 + 1)
 
 
+@pytest.mark.parametrize("guidance", [None, 1.5])
+@torch.no_grad()
+def test_each_row_of_a_batch_stops_on_its_own_and_gets_what_it_would_alone(guidance):
+    N = 8
+    block = random_block(tokens_per_frame=N)
+    past, cond = torch.randn(3, 2, N, 3), torch.randint(0, 3, (3, 3))
+
+    def primed(rows):
+        cache = block.transformer.new_cache()
+        for t in range(2):
+            x, c = past[rows, t], cond[rows, t]
+            if guidance is not None:  # the cache holds [cond; null] rows
+                x, c = torch.cat([x, x]), torch.cat([c, torch.full_like(c, 3)])
+            block.forward_frame(x, cache, c)
+        return cache
+
+    z = torch.randn(3, N, 3)
+    exact = block.invert_frame(z, primed(slice(None)), cond[:, 2], guidance=guidance, tol=1e-10).x
+    init = z.clone()
+    init[1] = exact[1]  # row 1 starts at its answer: it settles after one sweep, the others take more
+    batch = block.invert_frame(z, primed(slice(None)), cond[:, 2], guidance=guidance, init=init, tol=1e-4)
+    alone = [block.invert_frame(z[i:i + 1], primed(slice(i, i + 1)), cond[i:i + 1, 2], guidance=guidance,
+                                init=init[i:i + 1], tol=1e-4) for i in range(3)]
+    assert alone[1].iterations == 1 and batch.iterations == max(a.iterations for a in alone) > 1
+    assert torch.allclose(batch.x, torch.cat([a.x for a in alone]), atol=1e-6)
+    assert torch.allclose(batch.logdet, torch.cat([a.logdet for a in alone]), atol=1e-5)
+    assert torch.allclose(batch.hidden, torch.cat([a.hidden for a in alone]), atol=1e-5)
+
+
 @torch.no_grad()
 def test_every_token_of_a_frame_sees_its_action_and_earlier_frames_do_not():
     block = random_block()

@@ -244,20 +244,29 @@ class TARFlowBlock(nn.Module):
         elif method == "jacobi":
             # All N tokens in parallel: x <- mu(x) + s(x) * z. After k sweeps the first k tokens are
             # exact (causality), so N sweeps always suffice; usually far fewer meet the tolerance.
-            past, x = cache.length, (z if init is None else init)
+            past, x = cache.length, (z if init is None else init).clone()
             max_iters = N if max_iters is None else min(max_iters, N)
-            done = torch.zeros(B, dtype=torch.bool, device=z.device)
+            # Each sample stops on its own, so in a batch a row gets what it would get alone; and the
+            # sweeps run on the rows still moving only (a batch otherwise pays for its slowest row at
+            # every row: 9.5 sweeps a frame at batch 64 against 3.8 at batch 1).
+            rows = torch.arange(B, device=z.device)  # still iterating
+            live_cache, live_start, live_bias = cache, start, bias
             for iters in range(1, max_iters + 1):
-                tokens = torch.cat([start[:, None], self._embed(x[:, :-1], bias, 0, guidance)], dim=1)
-                h = self.transformer(tokens, cache)
-                cache.rewind(past)
-                x_new = self._affine_step(h, z, guidance)
-                change = (x_new - x).pow(2).flatten(1).mean(1) / x_new.pow(2).flatten(1).mean(1).clamp_min(1e-12)
-                # each sample stops on its own: in a batch a row gets exactly what it would get alone
-                x = torch.where(done[:, None, None], x, x_new)
-                done = done | (change < tol)
-                if done.all():
+                x_live = x[rows]
+                tokens = torch.cat([live_start[:, None], self._embed(x_live[:, :-1], live_bias, 0, guidance)], dim=1)
+                h = self.transformer(tokens, live_cache)
+                live_cache.rewind(past)
+                x_new = self._affine_step(h, z[rows], guidance)
+                change = (x_new - x_live).pow(2).flatten(1).mean(1) / x_new.pow(2).flatten(1).mean(1).clamp_min(1e-12)
+                x[rows] = x_new
+                moving = change >= tol
+                if not moving.any():
                     break
+                if not moving.all():  # drop the settled rows (both branches of each under guidance)
+                    keep = moving.nonzero()[:, 0]
+                    keep = keep if guidance is None else torch.cat([keep, keep + len(rows)])
+                    rows = rows[moving]
+                    live_cache, live_start, live_bias = live_cache.select(keep), live_start[keep], live_bias[keep]
             # commit the solved frame so the cache holds exactly what a forward pass would have
             tokens = torch.cat([start[:, None], self._embed(x, bias, 0, guidance)], dim=1)
             h = self.transformer(tokens, cache)

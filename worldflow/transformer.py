@@ -81,7 +81,8 @@ class KVCache:
     def select(self, rows) -> "KVCache":
         """A new cache holding only the given batch rows (an index tensor or a slice)."""
         out = KVCache(len(self.keys), self.head_dim)
-        out.keys, out.values = [k[rows] for k in self.keys], [v[rows] for v in self.values]
+        if self.length:
+            out.keys, out.values = [k[rows] for k in self.keys], [v[rows] for v in self.values]
         return out
 
 

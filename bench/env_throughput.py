@@ -10,6 +10,7 @@ flattered. The table says which was measured.
 """
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -38,25 +39,33 @@ def fresh_model(config_path: str):
     return model, frames, torch.randint(0, 4, (4, cfg.model.context_frames - 1))
 
 
-def time_dream(model, frames, actions, batch, sampler, denoiser, steps):
+def batch_of(frames, actions, batch):
+    """The start contexts repeated to `batch` rows."""
     reps = (batch + len(frames) - 1) // len(frames)
-    f, a = frames.repeat(reps, 1, 1, 1, 1)[:batch], actions.repeat(reps, 1)[:batch]
+    return frames.repeat(reps, 1, 1, 1, 1)[:batch], actions.repeat(reps, 1)[:batch]
+
+
+def time_dream(model, frames, actions, batch, sampler, denoiser, steps, counter=None):
+    """frames/s and mean Jacobi sweeps over `steps` dream steps after a warm-up; the same steps every call
+    (fixed seeds), so a second call under a FlopCounterMode `counter` counts exactly the timed work."""
     g = torch.Generator().manual_seed(0)
-    state = model.start(f, a, g)
+    state = model.start(*batch_of(frames, actions, batch), g)
     act = torch.randint(0, model.config.num_actions, (steps + 1, batch), generator=g)
     model.sample_next(state, act[0], g, sampler, denoiser)  # warm-up
-    iters, t0 = [], time.perf_counter()
-    for i in range(steps):
-        iters.append(model.sample_next(state, act[i + 1], g, sampler, denoiser).iterations)
-    dt = time.perf_counter() - t0
+    iters = []
+    with counter or contextlib.nullcontext():
+        t0 = time.perf_counter()
+        for i in range(steps):
+            iters.append(model.sample_next(state, act[i + 1], g, sampler, denoiser).iterations)
+        dt = time.perf_counter() - t0
     return batch * steps / dt, sum(iters) / len(iters)
 
 
-def flops_per_frame(model, frames, actions, sampler, denoiser) -> float:
-    state = model.start(frames[:1], actions[:1], torch.Generator().manual_seed(0))
-    with FlopCounterMode(display=False) as counter:
-        model.sample_next(state, torch.tensor([0]), torch.Generator().manual_seed(1), sampler, denoiser)
-    return counter.get_total_flops()
+def flops_per_frame(model, frames, actions, batch, sampler, denoiser, steps) -> float:
+    """The FLOPs of the steps `time_dream` times, per frame (a batch's rows need different sweeps)."""
+    counter = FlopCounterMode(display=False)
+    time_dream(model, frames, actions, batch, sampler, denoiser, steps, counter)
+    return counter.get_total_flops() / (batch * steps)
 
 
 def ale_steps_per_s(env_id: str, steps: int = 1000) -> float:
@@ -92,14 +101,13 @@ def main():
           f"2048^2 fp32 matmul peak {peak:.0f} GFLOP/s")
     rows = []
     print(f"{'batch':>5} {'sampler':>10} {'denoiser':>10} {'frames/s':>9} {'sweeps':>7} {'GFLOP/frame':>12} {'% peak':>7}")
-    flops = {(s, d): flops_per_frame(model, frames, actions, s, d) for s in ("jacobi", "sequential")
-             for d in ("flow-score", "none")}
     for batch in (1, 64):
         for sampler in ("jacobi", "sequential"):
             for denoiser in ("flow-score", "tweedie", "none"):
                 steps = args.steps if batch == 1 else max(2, args.steps // 10)
                 fps, sweeps = time_dream(model, frames, actions, batch, sampler, denoiser, steps)
-                fl = flops.get((sampler, denoiser), float("nan"))  # tweedie's autograd is not counted
+                fl = (float("nan") if denoiser == "tweedie"  # its autograd is not counted
+                      else flops_per_frame(model, frames, actions, batch, sampler, denoiser, steps))
                 row = dict(batch=batch, sampler=sampler, denoiser=denoiser, frames_per_s=fps, jacobi_sweeps=sweeps,
                            gflop_per_frame=fl / 1e9, fraction_of_peak=fl * fps / (peak * 1e9))
                 rows.append(row)

@@ -1,0 +1,65 @@
+"""Do a world's imagined rewards depend on the actions? An agent trained in the dream can only learn
+what this shows.
+
+    python bench/dream_returns.py [--checkpoint RUN_OR_CKPT] [--dreams 32] [--horizon 15]
+
+Plays the same dreams (same start contexts, same noise: one seed) under the uniform random policy and
+under each action held fixed, for as long as an agent's imagined episode (AgentConfig.horizon), and
+reports each policy's mean imagined return and how many dreams paid anything. If every policy gets the
+same rewards in the same dreams, the world's rewards do not depend on the actions, and no agent can
+learn to play from them.
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from worldflow.collect import write_json_atomic
+from worldflow.envs import WorldFlowVectorEnv
+
+
+def imagined_returns(env: WorldFlowVectorEnv, policy, horizon: int, seed: int) -> np.ndarray:
+    """policy(t) -> actions (num_envs,); the summed rewards of each dream over `horizon` steps (no autoreset)."""
+    env.reset(seed=seed)
+    returns, alive = np.zeros(env.num_envs), np.ones(env.num_envs, bool)
+    for t in range(horizon):
+        _, rewards, terminated, _, _ = env.step(policy(t))
+        returns += rewards * alive  # a dream that ended autoresets: its next episode is not counted
+        alive &= ~terminated
+    return returns
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=None, help="world (default: the embedded one)")
+    parser.add_argument("--dreams", type=int, default=32)
+    parser.add_argument("--horizon", type=int, default=15)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "dream_returns.json"))
+    args = parser.parse_args()
+
+    env = WorldFlowVectorEnv(num_envs=args.dreams, checkpoint=args.checkpoint, max_episode_steps=args.horizon)
+    n = env.single_action_space.n
+    rng = np.random.default_rng(args.seed)
+    random_actions = rng.integers(0, n, (args.horizon, args.dreams))
+    policies = {"random": lambda t: random_actions[t]}
+    policies.update({name: (lambda t, a=a: np.full(args.dreams, a)) for a, name in enumerate(env.action_meanings)})
+    returns = {name: imagined_returns(env, policy, args.horizon, args.seed) for name, policy in policies.items()}
+    print(f"{args.dreams} dreams of {args.horizon} steps, the same starts and noise for every policy")
+    print(f"{'policy':>8} {'mean return':>12} {'± s.e.':>7} {'dreams paid':>12}")
+    for name, r in returns.items():
+        print(f"{name:>8} {r.mean():>12.3f} {r.std(ddof=1) / np.sqrt(len(r)):>7.3f} {int((r != 0).sum()):>7d}/{len(r)}")
+    table = np.stack(list(returns.values()))  # (policies, dreams)
+    differs = int((table != table[0]).any(0).sum())
+    print(f"dreams whose return depends on the policy: {differs}/{args.dreams}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(args.out), dict(checkpoint=args.checkpoint or "default", dreams=args.dreams,
+                                           horizon=args.horizon, seed=args.seed,
+                                           returns={k: v.tolist() for k, v in returns.items()},
+                                           dreams_whose_return_depends_on_policy=differs))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -20,7 +20,7 @@ from worldflow.envs import WorldFlowVectorEnv
 
 
 def imagined_returns(env: WorldFlowVectorEnv, policy, horizon: int, seed: int) -> np.ndarray:
-    """policy(t) -> actions (num_envs,); the summed rewards of each dream over `horizon` steps (no autoreset)."""
+    """policy(t) -> actions (num_envs,); each dream's summed rewards over `horizon` steps, its first episode only."""
     env.reset(seed=seed)
     returns, alive = np.zeros(env.num_envs), np.ones(env.num_envs, bool)
     for t in range(horizon):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from worldflow.agents.evaluate import summary
 from worldflow.collect import write_json_atomic
 from worldflow.envs import WorldFlowVectorEnv
 
@@ -49,7 +50,8 @@ def main():
     print(f"{args.dreams} dreams of {args.horizon} steps, the same starts and noise for every policy")
     print(f"{'policy':>8} {'mean return':>12} {'± s.e.':>7} {'dreams paid':>12}")
     for name, r in returns.items():
-        print(f"{name:>8} {r.mean():>12.3f} {r.std(ddof=1) / np.sqrt(len(r)):>7.3f} {int((r != 0).sum()):>7d}/{len(r)}")
+        stats = summary(r)
+        print(f"{name:>8} {stats['mean']:>12.3f} {stats['stderr']:>7.3f} {int((r != 0).sum()):>7d}/{len(r)}")
     table = np.stack(list(returns.values()))  # (policies, dreams)
     differs = int((table != table[0]).any(0).sum())
     print(f"dreams whose return depends on the policy: {differs}/{args.dreams}")

@@ -23,6 +23,18 @@ def breakout_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tracker_data(tmp_path_factory):
+    """~600 real Breakout steps played by the scripted tracker (the ball kept in play)."""
+    from worldflow.agents.scripted import BreakoutTracker
+    from worldflow.collect import collect
+
+    out = tmp_path_factory.mktemp("data") / "breakout_tracker"
+    collect("ALE/Breakout-v5", 600, str(out), seed=0, progress=False, policy_factory=BreakoutTracker,
+            policy_name="tracker")
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_run(breakout_data, tmp_path_factory):
     """The tiny config trained for its few steps: (trainer, run directory)."""
     from worldflow.config import load_config

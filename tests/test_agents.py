@@ -12,7 +12,9 @@ from worldflow.agents import ActorCritic, AgentConfig, AgentPolicy, AgentSpec, l
 from worldflow.agents.actor_critic import lambda_returns
 from worldflow.agents.evaluate import evaluate_agent
 from worldflow.agents.rollouts import RolloutPool
+from worldflow.agents.scripted import FIRE, LEFT, NOOP, BreakoutTracker, landing_column
 from worldflow.cli import main
+from worldflow.collect import shard_paths
 
 
 def _rows(run):
@@ -107,11 +109,33 @@ def test_collect_with_a_saved_agent_as_behaviour_policy(tmp_path, capsys):
     out = tmp_path / "d"
     assert main(["collect", "--env", "ALE/Breakout-v5", "--steps", "40", "--out", str(out),
                  "--policy", str(tmp_path / "right")]) == 0
-    from worldflow.collect import shard_paths
-
     actions = np.concatenate([np.load(p)["actions"] for p in shard_paths(out)])
     assert len(actions) == 40 and (actions == 2).all()
     assert json.loads((out / "manifest.json").read_text())["policy"] == str((tmp_path / "right").resolve())
     # resuming into it with another behaviour policy would mix two datasets: refused
     assert main(["collect", "--env", "ALE/Breakout-v5", "--steps", "80", "--out", str(out)]) == 2
     assert "policy" in capsys.readouterr().err
+
+
+def test_tracker_moves_the_paddle_under_the_falling_ball():
+    frame = np.zeros((64, 64, 3), np.uint8)
+    frame[57, 40:47] = 200  # paddle centred on column 43
+    tracker = BreakoutTracker(seed=0, epsilon=0.0)
+    assert tracker(frame) == FIRE  # no ball in the field: serve
+    frame[35, 20] = 200
+    assert tracker(frame) == LEFT  # first sight: no velocity yet, so it heads for the ball's column
+    frame[35, 20], frame[40, 25] = 0, 200  # falling 5 rows and drifting 5 columns a step: lands at 42
+    assert tracker(frame) == NOOP
+    assert landing_column(np.array([40.0, 50.0]), np.array([4.0, 4.0])) == pytest.approx(51.0)  # off the right wall
+
+
+def test_tracker_data_holds_more_rewards_than_random_data(breakout_data, tracker_data, tmp_path, capsys):
+    def reward_rate(root):
+        rewards = np.concatenate([np.load(p)["rewards"] for p in shard_paths(root)])
+        return (rewards > 0).mean()
+
+    assert json.loads((tracker_data / "manifest.json").read_text())["policy"] == "tracker"
+    # the same game, the same seeds: only the behaviour policy differs
+    assert reward_rate(tracker_data) > 2 * reward_rate(breakout_data) > 0
+    assert main(["collect", "--env", "ALE/Pong-v5", "--steps", "10", "--out", str(tmp_path / "p"), "--policy", "tracker"]) == 2
+    assert "Breakout only" in capsys.readouterr().err

@@ -12,7 +12,8 @@ from . import __version__
 
 
 def make_policy(name: str | None, num_actions: int, seed: int | None, frame_size: int = 64):
-    """'random', a saved agent's directory, or None -> a callable obs -> action (or None).
+    """'random', 'tracker' (the scripted Breakout policy), a saved agent's directory, or None -> a
+    callable obs -> action (or None).
 
     An agent must act with `num_actions` actions on frame_size x frame_size frames, else a ValueError.
     """
@@ -20,9 +21,14 @@ def make_policy(name: str | None, num_actions: int, seed: int | None, frame_size
         return None
     from .agents import AgentPolicy
     from .agents.evaluate import random_policy
+    from .agents.scripted import BreakoutTracker
 
     if name == "random":
         return random_policy(num_actions, seed)
+    if name == "tracker":
+        if frame_size != 64:
+            raise ValueError(f"the Breakout tracker reads 64x64 frames; this needs {frame_size}x{frame_size}")
+        return BreakoutTracker(seed, num_actions=num_actions)
 
     policy = AgentPolicy(name, seed)
     spec = policy.net.spec
@@ -38,17 +44,21 @@ def run_collect(args) -> None:
     from .collect import collect
 
     factory, name = None, args.policy
-    if args.policy != "random":  # a saved agent, rebuilt inside each worker from its directory
+    if args.policy != "random":  # rebuilt inside each worker, once per episode, from its seed
         import functools
 
         from .agents import AgentPolicy
+        from .agents.scripted import BreakoutTracker
         from .collect import make_env
 
-        name = str(Path(args.policy).resolve())
+        if args.policy != "tracker":
+            name = str(Path(args.policy).resolve())
+        elif "Breakout" not in args.env:
+            raise ValueError(f"--policy tracker plays Breakout only, not {args.env}")
         env = make_env(args.env)
-        make_policy(name, env.action_space.n, None, args.size)  # a bad agent fails here, not in a worker
+        make_policy(name, env.action_space.n, None, args.size)  # a bad policy fails here, not in a worker
         env.close()
-        factory = functools.partial(AgentPolicy, name)
+        factory = BreakoutTracker if name == "tracker" else functools.partial(AgentPolicy, name)
     manifest = collect(args.env, args.steps, args.out, size=args.size, seed=args.seed, workers=args.workers,
                        ray_address=args.ray_address, policy_factory=factory, policy_name=name)
     print(f"{args.out}: {args.env}, {manifest['num_actions']} actions {manifest['action_meanings']}")
@@ -168,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, required=True, help="environment steps in total")
     p.add_argument("--out", required=True, help="dataset directory")
     p.add_argument("--workers", type=int, default=0, help="Ray workers (0: in this process)")
-    p.add_argument("--policy", default="random", help="behaviour policy: 'random' or an agent directory")
+    p.add_argument("--policy", default="random", help="behaviour policy: 'random', 'tracker' (scripted Breakout "
+                   "paddle that follows the ball, 25%% random actions) or an agent directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64, help="frames are resized to SIZE x SIZE RGB")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
@@ -176,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a world model (resumes if OUT exists)")
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/breakout.yaml")
-    p.add_argument("--data", required=True, help="dataset directory from `worldflow collect`")
+    p.add_argument("--data", required=True, nargs="+", help="dataset directory from `worldflow collect`; "
+                   "several (one game, e.g. random and tracker play) are pooled clip by clip")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--init", default="", help="fine-tune: start from this checkpoint's weights (the config's "
                    "train.init); with train.ae_steps 0 its autoencoder is kept")
@@ -219,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", default=None, help="run or checkpoint dir (default: the embedded world)")
     p.add_argument("--steps", type=int, default=200, help="frames after the first (ended episodes restart)")
     p.add_argument("--out", required=True, help="clip.mp4 or clip.gif")
-    p.add_argument("--policy", default="random", help="'random' or an agent directory (`worldflow agent train`)")
+    p.add_argument("--policy", default="random", help="'random', 'tracker' (scripted Breakout) or an agent "
+                   "directory (`worldflow agent train`)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", choices=["jacobi", "sequential"], default="jacobi")
     p.add_argument("--denoiser", choices=["flow-score", "tweedie", "none"], default="flow-score")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from worldflow.collect import collect, shard_paths, shard_steps
-from worldflow.data import ClipDataset
+from worldflow.data import ClipDataset, load_manifest
 
 
 def test_collection_writes_episodes_and_manifest(breakout_data):
@@ -35,6 +35,20 @@ def test_clip_dataset_splits_by_episode(breakout_data):
     assert item["frames"].shape == (6, 64, 64, 3) and item["actions"].shape == (5,)
     with pytest.raises(ValueError, match="clip_frames"):
         ClipDataset(breakout_data, clip_frames=100000)
+
+
+def test_clips_pool_datasets_of_one_game_and_refuse_two_games(breakout_data, tracker_data, tmp_path):
+    pooled = ClipDataset([breakout_data, tracker_data], clip_frames=6, split="train")
+    alone = [ClipDataset(d, clip_frames=6, split="train") for d in (breakout_data, tracker_data)]
+    assert len(pooled) == sum(len(a) for a in alone) and len(pooled.episodes) == sum(len(a.episodes) for a in alone)
+    held_out = ClipDataset([breakout_data, tracker_data], clip_frames=6, split="val")
+    every = ClipDataset([breakout_data, tracker_data], clip_frames=6, split="all")
+    assert held_out.episodes and len(held_out.episodes) + len(pooled.episodes) == len(every.episodes)
+    assert [d["policy"] for d in load_manifest([breakout_data, tracker_data])["datasets"]] == ["random", "tracker"]
+    small = tmp_path / "small"
+    collect("ALE/Breakout-v5", 30, str(small), size=32, progress=False)
+    with pytest.raises(ValueError, match="frame_size"):
+        ClipDataset([breakout_data, small], clip_frames=6)
 
 
 def test_interrupted_collection_resumes_to_identical_data(tmp_path):

@@ -18,12 +18,15 @@ from worldflow.world_model import WorldFlowModel
 TINY = str(Path(__file__).parent.parent / "configs" / "tiny.yaml")
 
 
-def test_cli_trains_and_writes_metrics(breakout_data, tmp_path, capsys):
-    assert main(["train", "--config", TINY, "--data", str(breakout_data), "--out", str(tmp_path / "run")]) == 0
+def test_cli_trains_on_two_datasets_and_writes_metrics(breakout_data, tracker_data, tmp_path, capsys):
+    assert main(["train", "--config", TINY, "--data", str(breakout_data), str(tracker_data),
+                 "--out", str(tmp_path / "run")]) == 0
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("step,stage") and len(rows) == 1 + 5  # tiny: 10 steps, a row every 2
     assert json.loads((tmp_path / "run" / "latest" / "trainer.json").read_text())["step"] == 10
     WorldFlowModel.from_pretrained(tmp_path / "run" / "latest")
+    datasets = json.loads((tmp_path / "run" / "manifest.json").read_text())["datasets"]
+    assert [d["policy"] for d in datasets] == ["random", "tracker"]
 
 
 def _weights(path):

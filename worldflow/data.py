@@ -1,4 +1,5 @@
-"""Fixed-length training clips from a collected dataset, with a held-out split by episode."""
+"""Fixed-length training clips from one or more collected datasets of one game, with a held-out split
+by episode."""
 
 import json
 import zlib
@@ -11,11 +12,37 @@ from torch.utils.data import Dataset, default_collate
 from .collect import shard_paths
 
 
-def load_manifest(root) -> dict:
-    path = Path(root) / "manifest.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{root} is not a WorldFlow dataset (no manifest.json): run `worldflow collect` first")
-    return json.loads(path.read_text())
+# what every dataset trained on together must agree on: the same game, frames and actions
+SAME_GAME = ("env_id", "frame_size", "num_actions", "action_meanings")
+
+
+def as_roots(data) -> list[Path]:
+    """One dataset directory, or a list of them (several behaviour policies of one game) -> a list."""
+    roots = [data] if isinstance(data, (str, Path)) else list(data)
+    if not roots:
+        raise ValueError("no dataset directory given")
+    return [Path(r) for r in roots]
+
+
+def load_manifest(data) -> dict:
+    """The manifest of one dataset, or of several as one: the first's, with `datasets` listing each
+    directory and its behaviour policy. Datasets of different games (or frame sizes) are an error."""
+    manifests = []
+    for root in as_roots(data):
+        path = root / "manifest.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{root} is not a WorldFlow dataset (no manifest.json): run `worldflow collect` first")
+        manifests.append(json.loads(path.read_text()))
+    first = manifests[0]
+    for root, m in zip(as_roots(data), manifests):
+        for key in SAME_GAME:
+            if m.get(key) != first.get(key):
+                raise ValueError(f"datasets disagree on {key}: {as_roots(data)[0]} has {first.get(key)!r}, "
+                                 f"{root} has {m.get(key)!r}")
+    if len(manifests) == 1:
+        return first
+    return dict(first, datasets=[dict(path=str(r), policy=m.get("policy", "random"))
+                                 for r, m in zip(as_roots(data), manifests)])
 
 
 def is_held_out(shard: Path, val_fraction: float) -> bool:
@@ -30,13 +57,22 @@ def window_starts(length: int, clip_frames: int, stride: int) -> list[int]:
     return starts
 
 
+def split_shards(root: Path, split: str, val_fraction: float) -> list[Path]:
+    shards = shard_paths(root)
+    held_out = [p for p in shards if is_held_out(p, val_fraction)]
+    if not held_out and len(shards) > 1 and val_fraction > 0:
+        held_out = shards[-1:]  # tiny datasets still get one held-out episode
+    return dict(train=[p for p in shards if p not in held_out], val=held_out, all=shards)[split]
+
+
 class ClipDataset(Dataset):
     """Windows of `clip_frames` consecutive frames inside one episode of the chosen split, starting
     every `stride` frames (1: every window; clip_frames: windows that do not overlap), and always the
     episode's last window, so that every episode's end (its termination) is in some window.
 
     split "train" / "val" divide the episodes by `is_held_out`; "all" takes every episode (data
-    collected fresh for an evaluation is held out as a whole).
+    collected fresh for an evaluation is held out as a whole). `root` may be a list of datasets of
+    one game; each is split on its own, and the clips of all are pooled.
 
     Item: frames (T, S, S, 3) uint8, actions (T-1,) long, rewards (T-1,) float, terminated (T-1,) bool;
     actions[i] leads from frames[i] to frames[i+1].
@@ -46,11 +82,7 @@ class ClipDataset(Dataset):
         if split not in ("train", "val", "all"):
             raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
         self.manifest = load_manifest(root)
-        shards = shard_paths(root)
-        held_out = [p for p in shards if is_held_out(p, val_fraction)]
-        if not held_out and len(shards) > 1 and val_fraction > 0:
-            held_out = shards[-1:]  # tiny datasets still get one held-out episode
-        chosen = dict(train=[p for p in shards if p not in held_out], val=held_out, all=shards)[split]
+        chosen = [p for r in as_roots(root) for p in split_shards(r, split, val_fraction)]
         self.episodes = []
         for path in chosen:
             with np.load(path) as shard:
@@ -58,7 +90,7 @@ class ClipDataset(Dataset):
         # (episode, start) of every clip that fits inside its episode
         self.index = [(e, s) for e, ep in enumerate(self.episodes) for s in window_starts(len(ep["frames"]), clip_frames, stride)]
         if not self.index:
-            raise ValueError(f"no {split} episode in {root} has {clip_frames} frames "
+            raise ValueError(f"no {split} episode in {', '.join(map(str, as_roots(root)))} has {clip_frames} frames "
                              f"({len(chosen)} episodes): collect more steps or shorten clip_frames")
         self.clip_frames = clip_frames
 

@@ -28,7 +28,7 @@ from torch.utils.data import default_collate
 from .autoencoder import to_pixels
 from .collect import write_json_atomic
 from .config import Config
-from .data import ClipDataset, load_manifest, spread_clips
+from .data import ClipDataset, as_roots, load_manifest, spread_clips
 from .pretrained import resolve_world, save_contexts
 from .world_model import WorldFlowConfig, WorldFlowModel
 
@@ -36,7 +36,7 @@ CHECKPOINT = "latest"
 START_CONTEXTS = 16
 
 
-def start_contexts(data: str, frames: int, val_fraction: float):
+def start_contexts(data: str | list[str], frames: int, val_fraction: float):
     """Real clips a dream can start from, held-out episodes first: (M, K, S, S, 3), (M, K-1)."""
     try:
         clips = ClipDataset(data, frames, "val", val_fraction)
@@ -152,7 +152,7 @@ class Trainer:
     """One training process. Data-parallel under Ray Train, every rank runs one of these with its own
     batches, gradients are averaged by DistributedDataParallel, and rank 0 alone writes the run."""
 
-    def __init__(self, cfg: Config, data: str, out: str, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: Config, data: str | list[str], out: str, rank: int = 0, world_size: int = 1):
         self.cfg, self.out, t = cfg, Path(out), cfg.train
         self.rank, self.world_size = rank, world_size
         if t.threads:
@@ -320,7 +320,7 @@ class Trainer:
         return self.save() if lead else self.out / CHECKPOINT
 
 
-def train(cfg: Config, data: str, out: str, progress: bool = True, ray_workers: int = 0,
+def train(cfg: Config, data: str | list[str], out: str, progress: bool = True, ray_workers: int = 0,
           ray_address: str | None = None) -> Path:
     """Train in this process, or data-parallel on `ray_workers` Ray Train workers (gloo DDP on CPU).
 
@@ -335,7 +335,7 @@ def train(cfg: Config, data: str, out: str, progress: bool = True, ray_workers: 
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    data, out = str(Path(data).resolve()), Path(out).resolve()  # workers do not share our cwd
+    data, out = [str(r.resolve()) for r in as_roots(data)], Path(out).resolve()  # workers do not share our cwd
     load_manifest(data)  # a missing dataset fails here, not inside every worker
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():

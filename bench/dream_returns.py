@@ -3,11 +3,13 @@ what this shows.
 
     python bench/dream_returns.py [--checkpoint RUN_OR_CKPT] [--dreams 32] [--horizon 15]
 
-Plays the same dreams (same start contexts, same noise: one seed) under the uniform random policy and
-under each action held fixed, for as long as an agent's imagined episode (AgentConfig.horizon), and
-reports each policy's mean imagined return and how many dreams paid anything. If every policy gets the
-same rewards in the same dreams, the world's rewards do not depend on the actions, and no agent can
-learn to play from them.
+Plays the same dreams (same start contexts, same noise: one seed) under the uniform random policy,
+under each action held fixed and, in a Breakout world, under the scripted tracker (agents/scripted.py,
+which earns 3x random's rewards in the real game), for as long as an agent's imagined episode
+(AgentConfig.horizon), and reports each policy's mean imagined return and how many dreams paid
+anything. If every policy gets the same rewards in the same dreams, the world's rewards do not depend
+on the actions, and no agent can learn to play from them; if the tracker earns no more than random,
+the world does not reward what the real game rewards.
 """
 
 import argparse
@@ -16,16 +18,18 @@ from pathlib import Path
 import numpy as np
 
 from worldflow.agents.evaluate import summary
+from worldflow.agents.scripted import BreakoutTracker
 from worldflow.collect import write_json_atomic
 from worldflow.envs import WorldFlowVectorEnv
 
 
 def imagined_returns(env: WorldFlowVectorEnv, policy, horizon: int, seed: int) -> np.ndarray:
-    """policy(t) -> actions (num_envs,); each dream's summed rewards over `horizon` steps, its first episode only."""
-    env.reset(seed=seed)
+    """policy(t, frames) -> actions (num_envs,); each dream's summed rewards over `horizon` steps, its first
+    episode only."""
+    obs, _ = env.reset(seed=seed)
     returns, alive = np.zeros(env.num_envs), np.ones(env.num_envs, bool)
     for t in range(horizon):
-        _, rewards, terminated, _, _ = env.step(policy(t))
+        obs, rewards, terminated, _, _ = env.step(policy(t, obs))
         returns += rewards * alive  # a dream that ended autoresets: its next episode is not counted
         alive &= ~terminated
     return returns
@@ -44,8 +48,11 @@ def main():
     n = env.single_action_space.n
     rng = np.random.default_rng(args.seed)
     random_actions = rng.integers(0, n, (args.horizon, args.dreams))
-    policies = {"random": lambda t: random_actions[t]}
-    policies.update({name: (lambda t, a=a: np.full(args.dreams, a)) for a, name in enumerate(env.action_meanings)})
+    policies = {"random": lambda t, obs: random_actions[t]}
+    policies.update({name: (lambda t, obs, a=a: np.full(args.dreams, a)) for a, name in enumerate(env.action_meanings)})
+    if "Breakout" in env.model.config.env_id:  # one tracker per dream: it remembers where its ball was
+        trackers = [BreakoutTracker(seed=args.seed + i) for i in range(args.dreams)]
+        policies["tracker"] = lambda t, obs: np.array([tr(o) for tr, o in zip(trackers, obs)])
     returns = {name: imagined_returns(env, policy, args.horizon, args.seed) for name, policy in policies.items()}
     print(f"{args.dreams} dreams of {args.horizon} steps, the same starts and noise for every policy")
     print(f"{'policy':>8} {'mean return':>12} {'± s.e.':>7} {'dreams paid':>12}")

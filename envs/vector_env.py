@@ -14,8 +14,6 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
-from worldflow.transformer import KVCache
-
 from .dreams import check_action, open_world, start_context, torch_generator
 
 ROW_TENSORS = ("last_solution", "last_shallow", "last_noisy", "last_clean")  # WorldState's per-row tensors besides the cache
@@ -106,14 +104,14 @@ class WorldFlowVectorEnv(gym.vector.VectorEnv):
         return None if self.render_mode is None or self._state is None else tuple(self._frames)
 
 
-def _concat_caches(caches, guided: bool) -> KVCache:
+def _concat_caches(caches, guided: bool):
     """One cache holding every given cache's rows; with guidance each is [cond; null] and so is the result."""
-    def rows(parts):
-        if guided:
-            halves = [p.chunk(2) for p in parts]
-            parts = [h[0] for h in halves] + [h[1] for h in halves]
-        return torch.cat(parts)
-
-    layers = range(len(caches[0].lengths))
-    return KVCache.from_tensors([rows([c.keys[i] for c in caches]) for i in layers],
-                                [rows([c.values[i] for c in caches]) for i in layers], caches[0].head_dim)
+    out = caches[0].select(slice(None))
+    for i in range(len(out.keys)):
+        for name in ("keys", "values"):
+            parts = [getattr(c, name)[i] for c in caches]
+            if guided:
+                halves = [p.chunk(2) for p in parts]
+                parts = [h[0] for h in halves] + [h[1] for h in halves]
+            getattr(out, name)[i] = torch.cat(parts)
+    return out

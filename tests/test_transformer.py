@@ -2,7 +2,7 @@
 
 import torch
 
-from worldflow.transformer import CausalTransformer, KVCache
+from worldflow.transformer import CausalTransformer
 
 
 def make(seed=0):
@@ -51,7 +51,8 @@ def test_sliding_window_keeps_relative_positions_exact():
     # without the re-rotation (positions 0.. for the new tokens against keys at 5..11) it would differ
     cache = net.new_cache()
     net(x[:, :12], cache)
-    cache = KVCache.from_tensors([k[:, :, 5:] for k in cache.keys], [v[:, :, 5:] for v in cache.values], cache.head_dim)
+    cache.keys = [k[:, :, 5:] for k in cache.keys]
+    cache.values = [v[:, :, 5:] for v in cache.values]
     assert not torch.allclose(net(x[:, 12:], cache), fresh, atol=1e-3)
 
 
@@ -64,26 +65,3 @@ def test_sliding_bounds_the_cache_over_a_long_stream():
         if cache.length > 12:
             cache.slide(cache.length - 12)
     assert cache.length == 12 and torch.isfinite(out).all()
-
-
-@torch.no_grad()
-def test_cache_writes_in_place_and_never_shares_memory():
-    net, x = make(), torch.randn(2, 9, 32)
-    cache = net.new_cache()
-    net(x[:, :6], cache)
-    net(x[:, 6:], cache)  # the first guess outgrows the buffer: it doubles
-    cache.rewind(6)
-    buffer = cache._keys[0].data_ptr()
-    for _ in range(3):  # later Jacobi sweeps: a guess appended and taken back, in the same buffer
-        net(x[:, 6:], cache)
-        cache.rewind(6)
-    assert cache._keys[0].data_ptr() == buffer and cache.length == 6
-    copy = cache.select(slice(0, 1))
-    reference = [k.clone() for k in cache.keys]
-    net(torch.randn(1, 3, 32), copy)  # appending to the copy
-    copy.slide(2)
-    assert all(torch.equal(k, r) for k, r in zip(cache.keys, reference))  # leaves the original as it was
-    ones = KVCache.from_tensors([torch.ones_like(k[:1]) for k in cache.keys],
-                                [torch.ones_like(v[:1]) for v in cache.values], cache.head_dim)
-    cache.set_rows(torch.tensor([1]), ones)  # an env of a batch reset: its row alone is overwritten
-    assert torch.equal(cache.keys[0][0], reference[0][0]) and (cache.keys[0][1] == 1).all()

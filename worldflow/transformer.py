@@ -25,14 +25,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, per layer: (B, H, L, head_dim) each, held as the
-    first L positions of a buffer with room for more.
-
-    Appending writes into the buffer in place. A Jacobi sweep appends a guess for a whole frame and
-    rewinds it again, so concatenating would copy the entire past at every sweep; writing copies only
-    the new tokens. A full buffer is replaced by one twice as long, so a sliding window settles at a
-    constant size. A cache owns its buffers: `select` and `from_tensors` copy, so no two caches share
-    memory and writing one never changes another.
+    """Keys and values of the tokens seen so far, per layer: (B, H, L, head_dim) each.
 
     Keys are stored already rotated to their positions 0..L-1. `slide(n)` drops the oldest n
     tokens and rotates the kept keys back by n: RoPE only sees relative positions, so attention
@@ -42,46 +35,29 @@ class KVCache:
     """
 
     def __init__(self, n_layers: int, head_dim: int):
-        self._keys: list[torch.Tensor | None] = [None] * n_layers  # buffers (B, H, capacity, head_dim)
-        self._values: list[torch.Tensor | None] = [None] * n_layers
-        self.lengths = [0] * n_layers  # per layer: a forward pass appends one layer after another
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
         self.head_dim = head_dim
-
-    @classmethod
-    def from_tensors(cls, keys: list[torch.Tensor], values: list[torch.Tensor], head_dim: int) -> "KVCache":
-        """A cache holding copies of the given per-layer keys (already rotated) and values."""
-        cache = cls(len(keys), head_dim)
-        for layer, (k, v) in enumerate(zip(keys, values)):
-            cache.append(layer, k, v)
-        return cache
 
     @property
     def length(self) -> int:
-        return self.lengths[0]
-
-    @property
-    def keys(self) -> list[torch.Tensor | None]:
-        return [None if b is None else b[:, :, :n] for b, n in zip(self._keys, self.lengths)]
-
-    @property
-    def values(self) -> list[torch.Tensor | None]:
-        return [None if b is None else b[:, :, :n] for b, n in zip(self._values, self.lengths)]
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, H, L_new, head_dim) after this layer's tokens; returns all of them as views."""
-        n, total = self.lengths[layer], self.lengths[layer] + k.shape[2]
-        if self._keys[layer] is None or total > self._keys[layer].shape[2]:
-            capacity = max(total, 2 * n)
-            self._keys[layer] = _moved(self._keys[layer], n, k, capacity)
-            self._values[layer] = _moved(self._values[layer], n, v, capacity)
-        self._keys[layer][:, :, n:total] = k
-        self._values[layer][:, :, n:total] = v
-        self.lengths[layer] = total
-        return self._keys[layer][:, :, :total], self._values[layer][:, :, :total]
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
 
     def rewind(self, length: int):
         """Forget every token after the first `length` (used between Jacobi iterations)."""
-        self.lengths = [min(length, n) for n in self.lengths]
+        if length == 0:
+            self.keys = [None] * len(self.keys)
+            self.values = [None] * len(self.values)
+            return
+        self.keys = [k[:, :, :length] for k in self.keys]
+        self.values = [v[:, :, :length] for v in self.values]
 
     def slide(self, n: int):
         """Drop the oldest n tokens and shift the rest back to positions 0..L-n-1."""
@@ -90,35 +66,24 @@ class KVCache:
         if n >= self.length:
             self.rewind(0)
             return
-        cos, sin = rope_angles(torch.tensor([-n], device=self._keys[0].device), self.head_dim)
-        for i, length in enumerate(self.lengths):
-            kept = self._keys[i][:, :, n:length]
-            self._keys[i] = _moved(None, 0, kept, self._keys[i].shape[2])
-            self._keys[i][:, :, :length - n] = apply_rope(kept, cos, sin)
-            self._values[i] = _moved(self._values[i][:, :, n:length], length - n, kept, self._values[i].shape[2])
-            self.lengths[i] = length - n
+        cos, sin = rope_angles(torch.tensor([-n], device=self.keys[0].device), self.head_dim)
+        self.keys = [apply_rope(k[:, :, n:], cos, sin) for k in self.keys]
+        self.values = [v[:, :, n:] for v in self.values]
 
     def set_rows(self, rows, other: "KVCache") -> None:
         """Overwrite batch rows with another cache of the same length (one env of a batch was reset)."""
         if other.length != self.length:
             raise ValueError(f"cache lengths differ: {other.length} vs {self.length}")
-        for i, n in enumerate(self.lengths if self.length else ()):
-            self._keys[i][rows, :, :n], self._values[i][rows, :, :n] = other.keys[i], other.values[i]
+        for i in range(len(self.keys)):
+            self.keys[i], self.values[i] = self.keys[i].clone(), self.values[i].clone()
+            self.keys[i][rows], self.values[i][rows] = other.keys[i], other.values[i]
 
     def select(self, rows) -> "KVCache":
-        """A new cache holding copies of the given batch rows (an index tensor or a slice)."""
-        if not self.length:
-            return KVCache(len(self.lengths), self.head_dim)
-        return KVCache.from_tensors([k[rows] for k in self.keys], [v[rows] for v in self.values], self.head_dim)
-
-
-def _moved(old: torch.Tensor | None, n: int, like: torch.Tensor, capacity: int) -> torch.Tensor:
-    """A new buffer (B, H, capacity, head_dim) shaped like `like`, holding old's first n positions."""
-    B, H, _, D = like.shape
-    buffer = like.new_empty(B, H, capacity, D)
-    if old is not None and n:
-        buffer[:, :, :n] = old[:, :, :n]
-    return buffer
+        """A new cache holding only the given batch rows (an index tensor or a slice)."""
+        out = KVCache(len(self.keys), self.head_dim)
+        if self.length:
+            out.keys, out.values = [k[rows] for k in self.keys], [v[rows] for v in self.values]
+        return out
 
 
 class SelfAttention(nn.Module):

@@ -27,22 +27,22 @@ def as_roots(data) -> list[Path]:
 def load_manifest(data) -> dict:
     """The manifest of one dataset, or of several as one: the first's, with `datasets` listing each
     directory and its behaviour policy. Datasets of different games (or frame sizes) are an error."""
-    manifests = []
-    for root in as_roots(data):
+    roots, manifests = as_roots(data), []
+    for root in roots:
         path = root / "manifest.json"
         if not path.exists():
             raise FileNotFoundError(f"{root} is not a WorldFlow dataset (no manifest.json): run `worldflow collect` first")
         manifests.append(json.loads(path.read_text()))
     first = manifests[0]
-    for root, m in zip(as_roots(data), manifests):
+    for root, m in zip(roots, manifests):
         for key in SAME_GAME:
             if m.get(key) != first.get(key):
-                raise ValueError(f"datasets disagree on {key}: {as_roots(data)[0]} has {first.get(key)!r}, "
+                raise ValueError(f"datasets disagree on {key}: {roots[0]} has {first.get(key)!r}, "
                                  f"{root} has {m.get(key)!r}")
     if len(manifests) == 1:
         return first
     return dict(first, datasets=[dict(path=str(r), policy=m.get("policy", "random"))
-                                 for r, m in zip(as_roots(data), manifests)])
+                                 for r, m in zip(roots, manifests)])
 
 
 def is_held_out(shard: Path, val_fraction: float) -> bool:

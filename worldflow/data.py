@@ -81,8 +81,9 @@ class ClipDataset(Dataset):
     def __init__(self, root, clip_frames: int, split: str = "train", val_fraction: float = 0.1, stride: int = 1):
         if split not in ("train", "val", "all"):
             raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
-        self.manifest = load_manifest(root)
-        chosen = [p for r in as_roots(root) for p in split_shards(r, split, val_fraction)]
+        roots = as_roots(root)
+        self.manifest = load_manifest(roots)
+        chosen = [p for r in roots for p in split_shards(r, split, val_fraction)]
         self.episodes = []
         for path in chosen:
             with np.load(path) as shard:
@@ -90,7 +91,7 @@ class ClipDataset(Dataset):
         # (episode, start) of every clip that fits inside its episode
         self.index = [(e, s) for e, ep in enumerate(self.episodes) for s in window_starts(len(ep["frames"]), clip_frames, stride)]
         if not self.index:
-            raise ValueError(f"no {split} episode in {', '.join(map(str, as_roots(root)))} has {clip_frames} frames "
+            raise ValueError(f"no {split} episode in {', '.join(map(str, roots))} has {clip_frames} frames "
                              f"({len(chosen)} episodes): collect more steps or shorten clip_frames")
         self.clip_frames = clip_frames
 

@@ -157,8 +157,8 @@ class Trainer:
         self.rank, self.world_size = rank, world_size
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.manifest = load_manifest(data)
         self.train_set = ClipDataset(data, t.clip_frames, "train", t.val_fraction)
+        self.manifest = self.train_set.manifest
         self.contexts = start_contexts(data, cfg.model.context_frames, t.val_fraction)
         steps = {k: torch.from_numpy(np.concatenate([ep[k] for ep in self.train_set.episodes]))
                  for k in ("rewards", "terminated")}

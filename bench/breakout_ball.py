@@ -1,13 +1,20 @@
 """Does Breakout's ball survive a dream? A game-specific check that full-frame PSNR cannot make: the
 ball is 2-3 of 4,096 pixels.
 
-    python bench/breakout_ball.py [--checkpoint RUN_OR_CKPT] [--data data/breakout] [--temperature 1.0]
+    python bench/breakout_ball.py [--checkpoint RUN_OR_CKPT] [--data data/breakout] [--temperature 1.0] [--denoiser flow-score]
 
 From held-out clips whose last context frame shows a ball, it dreams 16 open-loop steps under the real
-actions (flow-score denoiser) and counts, per step, the real and dreamed frames that show a ball: 1-10
+actions (flow-score denoiser unless told) and counts, per step, the real and dreamed frames that show a ball: 1-10
 play-area pixels (between the bricks and the paddle, inside the walls) brighter than 20/255. It also
 reports the median brightest play-area pixel of the real next frame, its autoencoder reconstruction,
 and the dream's first step: which stage of the model loses the ball.
+
+Bounces: a dream can keep a ball alive and still never pay for the paddle. A clip "bounces" when its
+ball reaches the rows just above the paddle and soon flies at least 5 rows back up; the bench counts
+the real clips that bounce and the dreams that do (run it on tracker data, where the paddle meets the
+ball: `--data data/breakout_tracker`). Then it dreams the clips whose real ball bounced once more, with
+the paddle driven away from the ball (LEFT or RIGHT throughout, same noise): in a world that models
+the paddle, those dreams' balls fall through instead of bouncing.
 """
 
 import argparse
@@ -21,8 +28,11 @@ from worldflow.collect import write_json_atomic
 from worldflow.data import ClipDataset
 from worldflow.evaluate import rollout
 from worldflow.pretrained import load_world
+from worldflow.world_model import DENOISERS
 
 PLAY_AREA = (slice(29, 56), slice(4, 60))  # rows between the bricks and the paddle, columns inside the walls
+PADDLE_ROWS = slice(57, 59)
+NEAR_PADDLE = 49  # play-area rows at or below this are the ball's last two steps before the paddle (row 57)
 
 
 def play_area(frames: np.ndarray) -> np.ndarray:
@@ -40,6 +50,43 @@ def shows_ball(frames: np.ndarray) -> np.ndarray:
     return (lit >= 1) & (lit <= 10)
 
 
+def lit_centre(frames: np.ndarray, rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (..., 64, 64, 3) -> mean row and column (...) of the pixels brighter than 20 in the window."""
+    lit = frames[..., rows, cols, :].max(-1) > 20  # (..., rows, cols)
+    r = np.arange(rows.start, rows.stop, dtype=np.float64)[:, None]
+    c = np.arange(cols.start, cols.stop, dtype=np.float64)[None, :]
+    with np.errstate(invalid="ignore"):
+        return (lit * r).sum((-2, -1)) / lit.sum((-2, -1)), (lit * c).sum((-2, -1)) / lit.sum((-2, -1))
+
+
+def ball_rows(frames: np.ndarray) -> np.ndarray:
+    """uint8 (..., 64, 64, 3) -> the ball's mean row where a frame shows one, else nan (...)."""
+    return np.where(shows_ball(frames), lit_centre(frames, *PLAY_AREA)[0], np.nan)
+
+
+def away_from_ball(frames: np.ndarray, left: int, right: int) -> np.ndarray:
+    """(B, 64, 64, 3) frames showing a ball -> (B,) the action that drives the paddle away from it."""
+    ball_col = lit_centre(frames, *PLAY_AREA)[1]
+    paddle_col = lit_centre(frames, PADDLE_ROWS, PLAY_AREA[1])[1]
+    return np.where(ball_col > paddle_col, left, right)
+
+
+def bounces(frames: np.ndarray) -> np.ndarray:
+    """(B, T, 64, 64, 3) -> (B,) whether the ball comes down to the paddle and flies back up: from a row at
+    or below NEAR_PADDLE it is seen at least 5 rows higher within 5 steps, with at most 2 steps unseen
+    (while it overlaps the paddle). A new ball served after a lost life is unseen for longer."""
+    rows = ball_rows(frames)  # (B, T)
+    result = np.zeros(len(rows), dtype=bool)
+    for b, path in enumerate(rows):
+        for i in np.flatnonzero(path >= NEAR_PADDLE):
+            later = path[i + 1:i + 6]
+            seen_up = np.flatnonzero(later <= path[i] - 5)
+            if len(seen_up) and np.isnan(later[:seen_up[0]]).sum() <= 2:
+                result[b] = True
+                break
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="world (default: the embedded one)")
@@ -47,6 +94,7 @@ def main():
     parser.add_argument("--clips", type=int, default=64)
     parser.add_argument("--horizon", type=int, default=16)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--denoiser", default="flow-score", choices=DENOISERS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "breakout_ball.json"))
     args = parser.parse_args()
@@ -59,11 +107,26 @@ def main():
     picks = [i for i in range(0, len(clips), 7) if shows_ball(clips[i]["frames"][K - 1].numpy())][:args.clips]
     batch = default_collate([clips[i] for i in picks])
     frames, actions = batch["frames"], batch["actions"]
-    dream, _, _ = rollout(model, frames, actions, args.seed, "flow-score", args.temperature, "jacobi")
+    dream, _, _ = rollout(model, frames, actions, args.seed, args.denoiser, args.temperature, "jacobi")
     real = frames[:, K:].numpy()
     with torch.no_grad():
         rebuilt = model.latents_to_frames(model.frames_to_latents(frames[:, K:K + 1])).numpy()
-    result = dict(checkpoint=str(args.checkpoint or "default"), clips=len(picks), temperature=args.temperature,
+    # the bounce may start in the context: follow the ball from the last context frame on
+    real_bounce = bounces(frames[:, K - 1:].numpy())
+    dream_bounce = bounces(np.concatenate([frames[:, K - 1:K].numpy(), dream.numpy()], axis=1))
+    # the clips whose real ball bounced, dreamed twice with the same noise: real actions, paddle driven away
+    meanings = model.config.action_meanings
+    away = torch.from_numpy(away_from_ball(frames[:, K - 1].numpy(), meanings.index("LEFT"), meanings.index("RIGHT")))
+    driven_away = torch.cat([actions[:, :K - 1], away[:, None].expand(-1, args.horizon)], dim=1)
+    paired = {}
+    for name, acts in (("real actions", actions), ("paddle driven away", driven_away)):
+        d, _, _ = rollout(model, frames[real_bounce], acts[real_bounce], args.seed, args.denoiser, args.temperature,
+                          "jacobi")
+        paired[name] = int(bounces(np.concatenate([frames[real_bounce, K - 1:K].numpy(), d.numpy()], axis=1)).sum())
+    result = dict(checkpoint=str(args.checkpoint or "default"), data=args.data, clips=len(picks),
+                  temperature=args.temperature, denoiser=args.denoiser,
+                  bounces=dict(real=int(real_bounce.sum()), dream=int(dream_bounce.sum()),
+                               real_bounces_dreamed_again=paired),
                   real_with_ball=shows_ball(real).sum(0).tolist(),
                   dream_with_ball=shows_ball(dream.numpy()).sum(0).tolist(),
                   median_brightest=dict(real=float(np.median(brightest(real[:, 0]))),
@@ -75,6 +138,8 @@ def main():
     for name in ("real", "dream"):
         print(f"| {name} | " + " | ".join(str(v) for v in result[f"{name}_with_ball"]) + " |")
     print("median brightest play-area pixel at step 1 (real ball ~100/255):", result["median_brightest"])
+    print(f"balls that come down to the paddle and fly back up: real {result['bounces']['real']}, dream "
+          f"{result['bounces']['dream']}; of the {result['bounces']['real']} real bounces, dreamed again: {paired}")
     write_json_atomic(Path(args.out), result)
     print(f"wrote {args.out}")
 

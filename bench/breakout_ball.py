@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
+from worldflow.agents.scripted import LEFT, RIGHT, ball_position, paddle_centre
 from worldflow.collect import write_json_atomic
 from worldflow.data import ClipDataset
 from worldflow.evaluate import rollout
@@ -31,7 +32,6 @@ from worldflow.pretrained import load_world
 from worldflow.world_model import DENOISERS
 
 PLAY_AREA = (slice(29, 56), slice(4, 60))  # rows between the bricks and the paddle, columns inside the walls
-PADDLE_ROWS = slice(57, 59)
 NEAR_PADDLE = 49  # play-area rows at or below this are the ball's last two steps before the paddle (row 57)
 
 
@@ -50,25 +50,18 @@ def shows_ball(frames: np.ndarray) -> np.ndarray:
     return (lit >= 1) & (lit <= 10)
 
 
-def lit_centre(frames: np.ndarray, rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (..., 64, 64, 3) -> mean row and column (...) of the pixels brighter than 20 in the window."""
-    lit = frames[..., rows, cols, :].max(-1) > 20  # (..., rows, cols)
-    r = np.arange(rows.start, rows.stop, dtype=np.float64)[:, None]
-    c = np.arange(cols.start, cols.stop, dtype=np.float64)[None, :]
-    with np.errstate(invalid="ignore"):
-        return (lit * r).sum((-2, -1)) / lit.sum((-2, -1)), (lit * c).sum((-2, -1)) / lit.sum((-2, -1))
-
-
 def ball_rows(frames: np.ndarray) -> np.ndarray:
     """uint8 (..., 64, 64, 3) -> the ball's mean row where a frame shows one, else nan (...)."""
-    return np.where(shows_ball(frames), lit_centre(frames, *PLAY_AREA)[0], np.nan)
+    lit = play_area(frames).reshape(*frames.shape[:-3], PLAY_AREA[0].stop - PLAY_AREA[0].start, -1) > 20
+    rows = np.arange(PLAY_AREA[0].start, PLAY_AREA[0].stop, dtype=np.float64)[:, None]
+    with np.errstate(invalid="ignore"):
+        mean = (lit * rows).sum((-2, -1)) / lit.sum((-2, -1))
+    return np.where(shows_ball(frames), mean, np.nan)
 
 
-def away_from_ball(frames: np.ndarray, left: int, right: int) -> np.ndarray:
+def away_from_ball(frames: np.ndarray) -> np.ndarray:
     """(B, 64, 64, 3) frames showing a ball -> (B,) the action that drives the paddle away from it."""
-    ball_col = lit_centre(frames, *PLAY_AREA)[1]
-    paddle_col = lit_centre(frames, PADDLE_ROWS, PLAY_AREA[1])[1]
-    return np.where(ball_col > paddle_col, left, right)
+    return np.array([LEFT if ball_position(f)[1] > paddle_centre(f) else RIGHT for f in frames])
 
 
 def bounces(frames: np.ndarray) -> np.ndarray:
@@ -115,8 +108,7 @@ def main():
     real_bounce = bounces(frames[:, K - 1:].numpy())
     dream_bounce = bounces(np.concatenate([frames[:, K - 1:K].numpy(), dream.numpy()], axis=1))
     # the clips whose real ball bounced, dreamed twice with the same noise: real actions, paddle driven away
-    meanings = model.config.action_meanings
-    away = torch.from_numpy(away_from_ball(frames[:, K - 1].numpy(), meanings.index("LEFT"), meanings.index("RIGHT")))
+    away = torch.from_numpy(away_from_ball(frames[:, K - 1].numpy()))
     driven_away = torch.cat([actions[:, :K - 1], away[:, None].expand(-1, args.horizon)], dim=1)
     paired = {}
     for name, acts in (("real actions", actions), ("paddle driven away", driven_away)):

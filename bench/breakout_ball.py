@@ -52,7 +52,7 @@ def shows_ball(frames: np.ndarray) -> np.ndarray:
 
 def ball_rows(frames: np.ndarray) -> np.ndarray:
     """uint8 (..., 64, 64, 3) -> the ball's mean row where a frame shows one, else nan (...)."""
-    lit = play_area(frames).reshape(*frames.shape[:-3], PLAY_AREA[0].stop - PLAY_AREA[0].start, -1) > 20
+    lit = frames[..., PLAY_AREA[0], PLAY_AREA[1], :].max(-1) > 20  # (..., rows, columns)
     rows = np.arange(PLAY_AREA[0].start, PLAY_AREA[0].stop, dtype=np.float64)[:, None]
     with np.errstate(invalid="ignore"):
         mean = (lit * rows).sum((-2, -1)) / lit.sum((-2, -1))

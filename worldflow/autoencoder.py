@@ -37,13 +37,15 @@ class Autoencoder(nn.Module):
                 nn.GroupNorm(8, half), nn.SiLU(), nn.Conv2d(half, 3, 3, padding=1)]
         self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
 
+    # Both run in channels_last: on CPU oneDNN's convolutions are faster in that layout, and the
+    # decoder's 64x64 layers most of all (a batch of 64: 456 -> 201 ms; encoder 191 -> 145 ms).
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) in [-1, 1] -> (B, C, S/d, S/d)."""
-        return self.encoder(pixels)
+        return self.encoder(pixels.contiguous(memory_format=torch.channels_last))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, 3, S, S), unbounded (clamp to [-1, 1] for display)."""
-        return self.decoder(latents)
+        return self.decoder(latents.contiguous(memory_format=torch.channels_last))
 
 
 def to_pixels(frames: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@ Every TARFlow block is one of these. The cache is what makes a flow stream: toke
 environment's constant-memory state).
 """
 
+from functools import lru_cache
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -17,8 +19,28 @@ def rope_angles(positions: torch.Tensor, head_dim: int, base: float = 10000.0):
     return angles.cos(), angles.sin()
 
 
+# A dream step runs the same few shapes again and again (a Jacobi sweep: 64 tokens after a window of
+# 520), so the rotary tables and the chunk mask are built once per shape, not once per layer and call:
+# at batch 1 building them was a tenth of the step's ATen calls. Callers never write to them, and they
+# are made outside inference mode so a table first built there can still be used in training.
+@lru_cache(maxsize=256)
+def rope_table(start: int, length: int, head_dim: int, device: torch.device):
+    """rope_angles at positions start..start+length-1."""
+    with torch.inference_mode(False):
+        return rope_angles(torch.arange(start, start + length, device=device), head_dim)
+
+
+@lru_cache(maxsize=64)
+def chunk_mask(length: int, past: int, device: torch.device) -> torch.Tensor:
+    """Additive attention mask (length, past+length) for a chunk after `past` cached tokens: it sees
+    all of the past and is causal within itself."""
+    with torch.inference_mode(False):
+        allowed = torch.ones(length, past + length, dtype=torch.bool, device=device).tril(diagonal=past)
+        return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the two halves of each head's channels: x (B, H, L, hd), cos/sin (L, hd/2)."""
+    """Rotate the two halves of each head's channels: x (..., L, hd), cos/sin (L, hd/2)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.to(x.dtype)
@@ -96,18 +118,14 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int):
         B, L, W = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv(x).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, L, hd)
+        q, k = apply_rope(qkv[:2], cos, sin)  # queries and keys rotated together
+        v = qkv[2]
         if cache is not None:
             k, v = cache.append(layer, k, v)
         past = k.shape[2] - L
-        if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1)
-        elif L == 1:
-            y = F.scaled_dot_product_attention(q, k, v)
-        else:  # a chunk after a cached prefix: sees all of the past, causal inside the chunk
-            mask = torch.ones(L, past + L, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        mask = chunk_mask(L, past, x.device) if past and L > 1 else None  # one token after a past sees all of it
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not past and L > 1)
         return self.out(y.transpose(1, 2).reshape(B, L, W))
 
 
@@ -138,7 +156,7 @@ class CausalTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         start = 0 if cache is None else cache.length
-        cos, sin = rope_angles(torch.arange(start, start + x.shape[1], device=x.device), self.head_dim)
+        cos, sin = rope_table(start, x.shape[1], self.head_dim, x.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i)
         return self.norm(x)

@@ -206,12 +206,12 @@ class TARFlowBlock(nn.Module):
 
     # ---- noise -> data ---------------------------------------------------------------------------
     def _affine_step(self, h, z, guidance):
-        """x = mu + s * z for one token or chunk; with guidance the batch holds [cond; uncond] rows."""
+        """x = mu + s * z for one token or chunk, and s; with guidance the batch holds [cond; uncond] rows."""
         mu, s = self._affine(h)
         if guidance is not None:
             (mu_c, mu_u), (s_c, s_u) = mu.chunk(2), s.chunk(2)
             mu, s = guided_affine(mu_c, s_c, mu_u, s_u, guidance)
-        return mu + s * z
+        return mu + s * z, s
 
     def _embed(self, x, bias, first: int = 0, guidance=None):
         """Data tokens (..., n, D), at places first..first+n-1 of their frame -> transformer inputs (..., n, W).
@@ -228,7 +228,8 @@ class TARFlowBlock(nn.Module):
     def _solve_frame(self, z, start, bias, cache: KVCache, method: str, init, guidance, tol: float, max_iters):
         """Invert one frame in this block's token order, given everything before it in `cache`.
 
-        z (B, N, D); start and the condition bias (B or 2B, W). Appends the frame's N+1 tokens to the cache.
+        z (B, N, D); start and the condition bias (B or 2B, W). Appends the frame's N+1 tokens to the cache
+        (a local block's Jacobi, whose cache nothing reads, leaves it as it was).
         Returns Inversion(x (B, N, D), sweeps used, logdet (B,), hidden state after the frame (B, W)).
         """
         B, N, _ = z.shape
@@ -237,7 +238,7 @@ class TARFlowBlock(nn.Module):
             token, xs, hs = start[:, None], [], []
             for i in range(N):
                 hs.append(self.transformer(token, cache)[:, 0])
-                xs.append(self._affine_step(hs[-1], z[:, i], guidance))
+                xs.append(self._affine_step(hs[-1], z[:, i], guidance)[0])
                 token = self._embed(xs[-1][:, None], bias, i, guidance)
             hs.append(self.transformer(token, cache)[:, 0])  # the last token too, so later frames see it
             x, h, iters = torch.stack(xs, dim=1), torch.stack(hs, dim=1), N
@@ -250,13 +251,20 @@ class TARFlowBlock(nn.Module):
             # sweeps run on the rows still moving only (a batch otherwise pays for its slowest row at
             # every row: 9.5 sweeps a frame at batch 64 against 3.8 at batch 1).
             rows = torch.arange(B, device=z.device)  # still iterating
-            live_cache, live_start, live_bias = cache, start, bias
+            live_start, live_bias = start, bias
+            # A local block's frame is its whole sequence: nothing after it reads the frame's keys, so
+            # it sweeps without a cache and needs no commit pass (a quarter of the shallow blocks'
+            # passes). Its log-det is each row's last sweep's, taken at the iterate before x.
+            live_cache, logdet = (None, z.new_zeros(B)) if self.local else (cache, None)
             for iters in range(1, max_iters + 1):
                 x_live = x[rows]
                 tokens = torch.cat([live_start[:, None], self._embed(x_live[:, :-1], live_bias, 0, guidance)], dim=1)
                 h = self.transformer(tokens, live_cache)
-                live_cache.rewind(past)
-                x_new = self._affine_step(h, z[rows], guidance)
+                if live_cache is not None:
+                    live_cache.rewind(past)
+                x_new, s = self._affine_step(h, z[rows], guidance)
+                if self.local:
+                    logdet[rows] = -s.log().flatten(1).sum(1)
                 change = (x_new - x_live).pow(2).flatten(1).mean(1) / x_new.pow(2).flatten(1).mean(1).clamp_min(1e-12)
                 x[rows] = x_new
                 moving = change >= tol
@@ -266,7 +274,10 @@ class TARFlowBlock(nn.Module):
                     keep = moving.nonzero()[:, 0]
                     keep = keep if guidance is None else torch.cat([keep, keep + len(rows)])
                     rows = rows[moving]
-                    live_cache, live_start, live_bias = live_cache.select(keep), live_start[keep], live_bias[keep]
+                    live_start, live_bias = live_start[keep], live_bias[keep]
+                    live_cache = None if live_cache is None else live_cache.select(keep)
+            if self.local:
+                return Inversion(x, iters, logdet)
             # commit the solved frame so the cache holds exactly what a forward pass would have
             tokens = torch.cat([start[:, None], self._embed(x, bias, 0, guidance)], dim=1)
             h = self.transformer(tokens, cache)

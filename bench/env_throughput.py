@@ -1,6 +1,7 @@
 """Dream throughput: frames/s at batch 1 and 64, Jacobi vs sequential, each denoiser; model FLOPs per
-frame and the fraction of this machine's matmul peak (measured in the same run); and the real ALE
-environment's steps/s with the same preprocessing.
+frame and the fraction of this machine's matmul peak (measured in the same run); how closely Jacobi's
+frames match sequential inversion's (the first dream step of each row, same state and noise); and
+the real ALE environment's steps/s with the same preprocessing.
 
     python bench/env_throughput.py [--checkpoint RUN_OR_CKPT] [--config configs/breakout.yaml]
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from worldflow.autoencoder import psnr
 from worldflow.collect import make_env, resize_frames, write_json_atomic
 from worldflow.config import load_config
 from worldflow.pretrained import DEFAULT_WORLD, load_world
@@ -46,19 +48,21 @@ def batch_of(frames, actions, batch):
 
 
 def time_dream(model, frames, actions, batch, sampler, denoiser, steps, counter=None):
-    """frames/s and mean Jacobi sweeps over `steps` dream steps after a warm-up; the same steps every call
-    (fixed seeds), so a second call under a FlopCounterMode `counter` counts exactly the timed work."""
+    """frames/s and mean Jacobi sweeps over `steps` dream steps after a warm-up, and the warm-up step's
+    frames (batch, S, S, 3). The same steps every call (fixed seeds): the warm-up step starts every
+    sampler from the same state with the same noise, and a second call under a FlopCounterMode
+    `counter` counts exactly the timed work."""
     g = torch.Generator().manual_seed(0)
     state = model.start(*batch_of(frames, actions, batch), g)
     act = torch.randint(0, model.config.num_actions, (steps + 1, batch), generator=g)
-    model.sample_next(state, act[0], g, sampler, denoiser)  # warm-up
+    first = model.sample_next(state, act[0], g, sampler, denoiser).frames  # warm-up
     iters = []
     with counter or contextlib.nullcontext():
         t0 = time.perf_counter()
         for i in range(steps):
             iters.append(model.sample_next(state, act[i + 1], g, sampler, denoiser).iterations)
         dt = time.perf_counter() - t0
-    return batch * steps / dt, sum(iters) / len(iters)
+    return batch * steps / dt, sum(iters) / len(iters), first
 
 
 def flops_per_frame(model, frames, actions, batch, sampler, denoiser, steps) -> float:
@@ -66,6 +70,14 @@ def flops_per_frame(model, frames, actions, batch, sampler, denoiser, steps) -> 
     counter = FlopCounterMode(display=False)
     time_dream(model, frames, actions, batch, sampler, denoiser, steps, counter)
     return counter.get_total_flops() / (batch * steps)
+
+
+def agreement(jacobi_frames: torch.Tensor, sequential_frames: torch.Tensor) -> dict:
+    """How equal the two samplers' outputs are: PSNR of Jacobi's frames against sequential's (mean and
+    worst row) and the largest pixel difference, from the same state and noise."""
+    p = psnr(jacobi_frames, sequential_frames).clamp_max(99.0)  # identical frames: 99 dB
+    return dict(psnr_vs_sequential=p.mean().item(), worst_psnr_vs_sequential=p.min().item(),
+                max_pixel_diff=(jacobi_frames.int() - sequential_frames.int()).abs().max().item())
 
 
 def ale_steps_per_s(env_id: str, steps: int = 1000) -> float:
@@ -84,7 +96,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--config", default="configs/breakout.yaml", help="used when no checkpoint exists")
-    parser.add_argument("--steps", type=int, default=20, help="timed dream steps per row at batch 1")
+    parser.add_argument("--steps", type=int, default=40, help="timed dream steps per row at batch 1 (a tenth at 64)")
     parser.add_argument("--env", default="ALE/Breakout-v5")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "env_throughput.json"))
     args = parser.parse_args()
@@ -99,20 +111,26 @@ def main():
     peak = matmul_peak_gflops()
     print(f"model: {source}; {model.tokens_per_frame} tokens/frame; threads {torch.get_num_threads()}; "
           f"2048^2 fp32 matmul peak {peak:.0f} GFLOP/s")
-    rows = []
-    print(f"{'batch':>5} {'sampler':>10} {'denoiser':>10} {'frames/s':>9} {'sweeps':>7} {'GFLOP/frame':>12} {'% peak':>7}")
+    rows, first_frames = [], {}
+    print(f"{'batch':>5} {'sampler':>10} {'denoiser':>10} {'frames/s':>9} {'sweeps':>7} {'GFLOP/frame':>12} {'% peak':>7} "
+          f"{'dB vs seq (worst)':>18}")
     for batch in (1, 64):
-        for sampler in ("jacobi", "sequential"):
+        for sampler in ("sequential", "jacobi"):  # sequential first: Jacobi's rows are compared with it
             for denoiser in ("flow-score", "tweedie", "none"):
                 steps = args.steps if batch == 1 else max(2, args.steps // 10)
-                fps, sweeps = time_dream(model, frames, actions, batch, sampler, denoiser, steps)
+                fps, sweeps, first = time_dream(model, frames, actions, batch, sampler, denoiser, steps)
                 fl = (float("nan") if denoiser == "tweedie"  # its autograd is not counted
                       else flops_per_frame(model, frames, actions, batch, sampler, denoiser, steps))
                 row = dict(batch=batch, sampler=sampler, denoiser=denoiser, frames_per_s=fps, jacobi_sweeps=sweeps,
                            gflop_per_frame=fl / 1e9, fraction_of_peak=fl * fps / (peak * 1e9))
+                first_frames[batch, sampler, denoiser] = first
+                if sampler == "jacobi":
+                    row.update(agreement(first, first_frames[batch, "sequential", denoiser]))
                 rows.append(row)
+                match = (f"{row['psnr_vs_sequential']:>10.1f} ({row['worst_psnr_vs_sequential']:.1f})"
+                         if sampler == "jacobi" else "")
                 print(f"{batch:>5} {sampler:>10} {denoiser:>10} {fps:>9.1f} {sweeps:>7.1f} {fl / 1e9:>12.3f} "
-                      f"{100 * row['fraction_of_peak']:>6.1f}%")
+                      f"{100 * row['fraction_of_peak']:>6.1f}% {match:>18}")
     ale = ale_steps_per_s(args.env)
     print(f"real {args.env} with 64x64 preprocessing: {ale:.0f} steps/s")
     speedups = {f"batch{b}_{d}": next(r["frames_per_s"] for r in rows if r["batch"] == b and r["sampler"] == "jacobi"

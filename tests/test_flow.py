@@ -50,6 +50,11 @@ def test_logdet_equals_brute_force_jacobian(order, local):
     _, logdet = block(x, cond)
     jac = torch.autograd.functional.jacobian(lambda v: block(v.view(1, 2, 3, 2), cond)[0].flatten(), x.flatten())
     assert torch.allclose(logdet[0], torch.linalg.slogdet(jac)[1], atol=1e-4)
+    # per token: the Jacobian is triangular (in the block's order), so each token's share is the
+    # log of its own diagonal block, a 2x2 block of the token's channels, at the token's place in x
+    per_token = block(x, cond, per_token=True)[1]
+    diagonal = torch.stack([torch.linalg.slogdet(jac[2 * i:2 * i + 2, 2 * i:2 * i + 2])[1] for i in range(6)])
+    assert per_token.shape == (1, 2, 3) and torch.allclose(per_token.flatten(), diagonal, atol=1e-4)
 
 
 @pytest.mark.parametrize("order", ["raster", "reverse_within_frame", "reverse"])

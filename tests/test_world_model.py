@@ -137,3 +137,34 @@ def test_autoencoder_motion_loss_weighs_only_the_pixels_that_changed(model_and_c
     assert torch.allclose(moved, err[:, 1, :, 40:42, 30:32].mean())
     assert torch.allclose(loss, mse + 3.0 * moved)
     assert model.ae_loss(clip, motion_weight=0.0)[0] == mse
+
+
+def test_motion_weighted_flow_loss_weighs_changed_tokens_and_keeps_the_denoiser_target(model_and_clip):
+    model, frames, actions = model_and_clip
+    clip = frames[:, :3].clone()
+    clip[:, 1:] = clip[:, :1]
+    clip[:, 2, 40:42, 30:32] = 255  # a 2x2 "ball" appears in frame 2: one token of the 8x8-pixel grid moves
+    moved = model.moved_tokens(clip)
+    side = model.config.ae_downsample * model.config.patch
+    expected = torch.zeros_like(moved)
+    expected[0, 2, (40 // side) * (64 // side) + 30 // side] = True
+    assert torch.equal(moved, expected)
+
+    rewards, terminated = torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.bool)
+    runs = {}
+    for weight in (0.0, 5.0):
+        losses, noisy = model.compute_losses(clip, actions[:, :2], rewards, terminated,
+                                             torch.Generator().manual_seed(0), motion_weight=weight)
+        model.zero_grad()
+        losses["total"].backward()
+        runs[weight] = losses, noisy.grad.clone(), model.deep.head.weight.grad.clone()
+    (plain, plain_grad, plain_param), (weighted, weighted_grad, weighted_param) = runs[0.0], runs[5.0]
+    assert torch.allclose(plain["flow"], weighted["flow"])  # the reported NLL is the plain one
+    assert not torch.allclose(plain["total"], weighted["total"])
+    assert not torch.allclose(plain_param, weighted_param)  # the flow is fitted to the weighted one...
+    assert torch.allclose(plain_grad, weighted_grad, atol=1e-7)  # ...and the denoiser still learns its score
+    # the per-token NLL split: at weight 0 the loss is the plain whole-clip objective
+    z, logdet, _ = model.flow_forward(model.to_tokens(model.frames_to_latents(clip)), model.frame_conditions(actions[:, :2]))
+    _, per_token, _ = model.flow_forward(model.to_tokens(model.frames_to_latents(clip)),
+                                         model.frame_conditions(actions[:, :2]), per_token=True)
+    assert per_token.shape == (1, 3, model.tokens_per_frame) and torch.allclose(per_token.sum(dim=(1, 2)), logdet, atol=1e-4)

@@ -42,6 +42,10 @@ class TrainConfig:
     # ball and paddle), added to the full-frame MSE: without it the autoencoder drops small sprites
     ae_motion_weight: float = 1.0
     flow_steps: int = 5000
+    # extra weight of the flow's per-token NLL where the frame changed since the previous one
+    # (WorldFlowModel.compute_losses): Breakout's ball and paddle are a few of 64 tokens, and the
+    # static rest dominates a plain likelihood. 0 = the plain likelihood.
+    flow_motion_weight: float = 0.0
     lr: float = 3e-4
     denoiser_lr: float = 3e-4
     warmup_steps: int = 100

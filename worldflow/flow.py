@@ -134,9 +134,9 @@ class TARFlowBlock(nn.Module):
         return torch.cat([start, null_start]), torch.cat([bias, null_bias])
 
     def _to_noise(self, xp, h):
-        """z = (x - mu) / s from the transformer outputs h (..., N+1, W); logdet summed over tokens (...)."""
+        """z = (x - mu) / s from the transformer outputs h (..., N+1, W); logdet of each token (..., N)."""
         mu, s = self._affine(h[..., :-1, :])
-        return (xp.float() - mu) / s, -s.log().flatten(-2).sum(-1)
+        return (xp.float() - mu) / s, -s.log().sum(-1)
 
     def _affine(self, h: torch.Tensor):
         """Transformer output -> (mu, s) in float32, both soft-clipped so no step can explode."""
@@ -164,8 +164,13 @@ class TARFlowBlock(nn.Module):
         return x, None if cond is None else cond.reshape(B * T, 1)
 
     # ---- data -> noise ---------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, return_hidden: bool = False):
-        """x (B, T, N, D) -> z (B, T, N, D), logdet (B,) [, hidden (B, T, width) after each frame]."""
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, return_hidden: bool = False,
+                per_token: bool = False):
+        """x (B, T, N, D) -> z (B, T, N, D), logdet (B,) [, hidden (B, T, width) after each frame].
+
+        per_token: logdet (B, T, N) instead, each token's share at its place in x (the Jacobian is
+        triangular, so the log-det splits into one term per token).
+        """
         check_tokens(x, self.token_dim, tokens=self.tokens_per_frame)
         B, T, N, D = x.shape
         self._check_cond(cond, B, T)
@@ -178,7 +183,8 @@ class TARFlowBlock(nn.Module):
         h = self.transformer(tokens.flatten(1, 2)).view(b, t, N + 1, -1)
         zp, logdet = self._to_noise(xp, h)
         z = self._permute(zp).reshape(B, T, N, D)
-        logdet = logdet.reshape(B, -1).sum(dim=1)
+        logdet = self._permute(logdet[..., None]).reshape(B, T, N)
+        logdet = logdet if per_token else logdet.sum(dim=(1, 2))
         if not return_hidden:
             return z, logdet
         if self.local or self.order == "reverse":
@@ -202,7 +208,7 @@ class TARFlowBlock(nn.Module):
         if not commit:
             cache.rewind(past)
         zp, logdet = self._to_noise(xp, h)
-        return (zp.flip(1) if self.order == "reverse_within_frame" else zp), logdet, h[:, -1]
+        return (zp.flip(1) if self.order == "reverse_within_frame" else zp), logdet.sum(-1), h[:, -1]
 
     # ---- noise -> data ---------------------------------------------------------------------------
     def _affine_step(self, h, z, guidance):
@@ -283,7 +289,7 @@ class TARFlowBlock(nn.Module):
             h = self.transformer(tokens, cache)
         else:
             raise ValueError(f"method must be 'jacobi' or 'sequential', got {method!r}")
-        return Inversion(x, iters, self._to_noise(x, h[:B])[1], h[:B, -1])
+        return Inversion(x, iters, self._to_noise(x, h[:B])[1].sum(-1), h[:B, -1])
 
     def _check_inverse_args(self, z, cond, guidance):
         check_tokens(z, self.token_dim, "z", self.tokens_per_frame)

@@ -231,7 +231,7 @@ class Trainer:
             group["lr"] = lr_at(step, t.flow_steps, t.lr, t.warmup_steps)
         b = self.batch()
         losses, noisy = self.net("flow", b["frames"], b["actions"], b["rewards"], b["terminated"], self.generator,
-                                 self.reward_weight, self.termination_weight)
+                                 self.reward_weight, self.termination_weight, t.flow_motion_weight)
         if not self.all_finite(losses["total"]):
             self.skipped += 1
             return {k: float("nan") for k in losses}

@@ -36,6 +36,11 @@ SAMPLERS = ("jacobi", "sequential")
 DENOISERS = ("flow-score", "tweedie", "none")
 
 
+def changed_pixels(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 clips (B, T, S, S, 3) -> (B, T-1, S, S) bool: the pixels that differ from the previous frame."""
+    return (frames[:, 1:] != frames[:, :-1]).any(-1)
+
+
 class WorldFlowConfig(PretrainedConfig):
     model_type = "worldflow"
 
@@ -172,13 +177,13 @@ class WorldFlowModel(PreTrainedModel):
         return cond
 
     # ---- data -> noise --------------------------------------------------------------------------
-    def flow_forward(self, tokens: torch.Tensor, cond: torch.Tensor):
-        """tokens (B, T, N, D) -> z, logdet (B,), per-frame hidden (B, T, width)."""
+    def flow_forward(self, tokens: torch.Tensor, cond: torch.Tensor, per_token: bool = False):
+        """tokens (B, T, N, D) -> z, logdet (B,) (per_token: (B, T, N)), per-frame hidden (B, T, width)."""
         logdet = 0.0
         for block in self.shallow:
-            tokens, ld = block(tokens)
+            tokens, ld = block(tokens, per_token=per_token)
             logdet = logdet + ld
-        z, ld, hidden = self.deep(tokens, cond, return_hidden=True)
+        z, ld, hidden = self.deep(tokens, cond, return_hidden=True, per_token=per_token)
         return z, logdet + ld, hidden
 
     def score_clip(self, frames: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None):
@@ -233,7 +238,8 @@ class WorldFlowModel(PreTrainedModel):
     def forward(self, stage: str, *inputs):
         """One training stage's loss: the entry DistributedDataParallel wraps in data-parallel training.
 
-        "ae" (frames, motion_weight) -> ae_loss; "flow" (frames, actions, rewards, terminated, generator) -> compute_losses;
+        "ae" (frames, motion_weight) -> ae_loss; "flow" (frames, actions, rewards, terminated, generator,
+        reward_weight, termination_weight, motion_weight) -> compute_losses;
         "denoiser" (noisy) -> denoiser_loss.
         """
         stages = {"ae": self.ae_loss, "flow": self.compute_losses, "denoiser": self.denoiser_loss}
@@ -250,32 +256,54 @@ class WorldFlowModel(PreTrainedModel):
         """
         pixels = to_pixels(frames).to(self.device)  # (B, T, 3, S, S)
         err = (self.ae.decode(self.ae.encode(pixels.flatten(0, 1))).view_as(pixels) - pixels).pow(2)
-        moved = (frames[:, 1:] != frames[:, :-1]).any(-1)[:, :, None].to(self.device)  # (B, T-1, 1, S, S)
+        moved = changed_pixels(frames)[:, :, None].to(self.device)  # (B, T-1, 1, S, S)
         moved_mse = (err[:, 1:] * moved).sum() / (3 * moved.sum()).clamp_min(1)
         mse = err.mean()
         return mse + motion_weight * moved_mse, mse.detach(), moved_mse.detach()
 
     def compute_losses(self, frames, actions, rewards, terminated, generator=None, reward_weight=None,
-                       termination_weight=None):
-        """One clip batch -> dict of losses, and the noisy latents (requires grad) for the denoiser.
+                       termination_weight=None, motion_weight: float = 0.0):
+        """One clip batch -> dict of losses, and the noisy latents for the denoiser.
 
         reward_weight (3,) weighs the reward signs -1/0/+1 and termination_weight (a scalar) the
         terminated steps against the rest: rewards and endings are rare, and unweighted the heads
         learn to predict the majority (see `outcome_weights`).
 
-        After `losses["total"].backward()`, noisy.grad is d(flow loss)/d(noisy) alone: the heads read
-        clean latents and a detached hidden state, so their loss never reaches the noisy latents.
+        motion_weight > 0 trains the flow on a weighted likelihood: each token's negative log-density
+        counts 1 + motion_weight times if any of its pixels changed since the previous frame (see
+        `moved_tokens`). losses["flow"] stays the plain NLL, which bits/dim report.
+
+        After `losses["total"].backward()`, noisy.grad is d(flow NLL)/d(noisy) alone, the denoiser's
+        target: the heads read clean latents and a detached hidden state, so their loss never
+        reaches the noisy latents; under a motion weight the plain NLL's gradient is taken on its own
+        (the weighted one is not the flow's score).
         """
         with torch.no_grad():
             latents = self.frames_to_latents(frames)
         noisy = add_noise(latents, self.config.noise_sigma, generator).requires_grad_(True)
         cond = self.frame_conditions(actions, self.config.action_dropout, generator)
-        z, logdet, hidden = self.flow_forward(self.to_tokens(noisy), cond)
-        flow = 0.5 * z.pow(2).mean() - logdet.mean() / z[0].numel()
+        z, logdet, hidden = self.flow_forward(self.to_tokens(noisy), cond, per_token=True)
+        nll = 0.5 * z.pow(2).sum(-1) - logdet  # (B, T, N), nats up to a constant
+        flow = nll.mean() / z.shape[-1]  # per dimension: 0.5 mean(z^2) - mean(logdet) / dims
         logits = self.outcome_logits(latents, hidden)  # frame t predicts the step that led to it
         reward = F.cross_entropy(logits[..., :3].flatten(0, 1), (rewards.sign().long() + 1).flatten(), weight=reward_weight)
         term = F.binary_cross_entropy_with_logits(logits[..., 3], terminated.float(), pos_weight=termination_weight)
-        return dict(flow=flow, reward=reward, terminated=term, total=flow + reward + term), noisy
+        fitted = flow
+        if motion_weight > 0:
+            weight = 1 + motion_weight * self.moved_tokens(frames).to(nll)
+            fitted = (weight * nll).sum() / (weight.sum() * z.shape[-1])
+            (grad,) = torch.autograd.grad(flow, noisy, retain_graph=True)
+            noisy = noisy.detach()
+            noisy.grad = grad  # outside the graph: the backward below leaves it as it is
+        return dict(flow=flow, reward=reward, terminated=term, total=fitted + reward + term), noisy
+
+    def moved_tokens(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 clips (B, T, S, S, 3) -> (B, T, N) bool: whether any pixel of each token's patch changed
+        since the previous frame (never for frame 0). Breakout's ball and paddle are a few tokens of 64."""
+        moved = changed_pixels(frames).float()  # (B, T-1, S, S)
+        side = self.config.ae_downsample * self.config.patch  # pixels per token side
+        moved = F.max_pool2d(moved.flatten(0, 1)[:, None], side).flatten(1).view(*moved.shape[:2], -1) > 0
+        return F.pad(moved, (0, 0, 1, 0), value=False)
 
     @staticmethod
     def outcome_weights(rewards: torch.Tensor, terminated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

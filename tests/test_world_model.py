@@ -168,3 +168,4 @@ def test_motion_weighted_flow_loss_weighs_changed_tokens_and_keeps_the_denoiser_
     _, per_token, _ = model.flow_forward(model.to_tokens(model.frames_to_latents(clip)),
                                          model.frame_conditions(actions[:, :2]), per_token=True)
     assert per_token.shape == (1, 3, model.tokens_per_frame) and torch.allclose(per_token.sum(dim=(1, 2)), logdet, atol=1e-4)
+    model.zero_grad(set_to_none=True)  # the module's model is shared with the other tests

@@ -236,7 +236,8 @@ class TARFlowBlock(nn.Module):
 
         z (B, N, D); start and the condition bias (B or 2B, W). Appends the frame's N+1 tokens to the cache
         (a local block's Jacobi, whose cache nothing reads, leaves it as it was).
-        Returns Inversion(x (B, N, D), sweeps used, logdet (B,), hidden state after the frame (B, W)).
+        Returns Inversion(x (B, N, D), sweeps used, logdet (B,), hidden state after the frame (B, W);
+        None from a local block's Jacobi, which makes no pass over the finished frame).
         """
         B, N, _ = z.shape
         bias = bias[:, None]  # one condition for all the frame's tokens: (B or 2B, 1, W)

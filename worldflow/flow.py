@@ -183,8 +183,7 @@ class TARFlowBlock(nn.Module):
         h = self.transformer(tokens.flatten(1, 2)).view(b, t, N + 1, -1)
         zp, logdet = self._to_noise(xp, h)
         z = self._permute(zp).reshape(B, T, N, D)
-        logdet = self._permute(logdet[..., None]).reshape(B, T, N)
-        logdet = logdet if per_token else logdet.sum(dim=(1, 2))
+        logdet = self._permute(logdet[..., None]).reshape(B, T, N) if per_token else logdet.reshape(B, -1).sum(dim=1)
         if not return_hidden:
             return z, logdet
         if self.local or self.order == "reverse":

@@ -163,9 +163,8 @@ def test_motion_weighted_flow_loss_weighs_changed_tokens_and_keeps_the_denoiser_
     assert not torch.allclose(plain["total"], weighted["total"])
     assert not torch.allclose(plain_param, weighted_param)  # the flow is fitted to the weighted one...
     assert torch.allclose(plain_grad, weighted_grad, atol=1e-7)  # ...and the denoiser still learns its score
-    # the per-token NLL split: at weight 0 the loss is the plain whole-clip objective
-    z, logdet, _ = model.flow_forward(model.to_tokens(model.frames_to_latents(clip)), model.frame_conditions(actions[:, :2]))
-    _, per_token, _ = model.flow_forward(model.to_tokens(model.frames_to_latents(clip)),
-                                         model.frame_conditions(actions[:, :2]), per_token=True)
+    # the loss reads the log-det per token: through the whole flow its shares add up to the clip's log-det
+    tokens, cond = model.to_tokens(model.frames_to_latents(clip)), model.frame_conditions(actions[:, :2])
+    logdet, per_token = model.flow_forward(tokens, cond)[1], model.flow_forward(tokens, cond, per_token=True)[1]
     assert per_token.shape == (1, 3, model.tokens_per_frame) and torch.allclose(per_token.sum(dim=(1, 2)), logdet, atol=1e-4)
     model.zero_grad(set_to_none=True)  # the module's model is shared with the other tests

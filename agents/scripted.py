@@ -5,7 +5,13 @@ trained on it hardly sees a paddle return, and every reward needs one. This trac
 agent sees, the 64x64 frame, and moves the paddle under where the falling ball will cross the
 paddle's row; with probability `epsilon` it takes a uniform random action instead, so the data still
 shows every action's effect in every situation.
+
+With `aim_spread` > 0 each fall aims at the landing column plus an offset drawn uniformly from
+±aim_spread columns, so the same style of play both returns and misses balls: in such data only where
+the paddle is at contact tells a bounce from a miss, not how the paddle moved before it.
 """
+
+import functools
 
 import numpy as np
 
@@ -20,15 +26,18 @@ LIT = 30  # a channel above this (0..255) is not background
 class BreakoutTracker:
     """obs (64, 64, 3) uint8 -> action. Stateful (the ball's last position); reset() between episodes."""
 
-    def __init__(self, seed: int | None = None, epsilon: float = 0.25, num_actions: int = 4):
+    def __init__(self, seed: int | None = None, epsilon: float = 0.25, num_actions: int = 4,
+                 aim_spread: float = 0.0):
         if num_actions != 4:
             raise ValueError(f"the Breakout tracker acts with Breakout's 4 actions, not {num_actions}")
+        if aim_spread < 0:
+            raise ValueError(f"aim_spread is a number of columns >= 0, got {aim_spread}")
         self.rng = np.random.default_rng(seed)
-        self.epsilon = epsilon
+        self.epsilon, self.aim_spread = epsilon, aim_spread
         self.reset()
 
     def reset(self) -> None:
-        self.last_ball = None
+        self.last_ball, self.aim_offset = None, None
 
     def __call__(self, obs: np.ndarray) -> int:
         if obs.shape != (64, 64, 3):
@@ -36,18 +45,29 @@ class BreakoutTracker:
         ball, paddle = ball_position(obs), paddle_centre(obs)
         velocity = None if ball is None or self.last_ball is None else ball - self.last_ball
         self.last_ball = ball
+        falling = velocity is not None and velocity[0] > 0
+        if not falling:
+            self.aim_offset = None
+        elif self.aim_offset is None:  # a new fall: where this one aims
+            self.aim_offset = self.rng.uniform(-self.aim_spread, self.aim_spread) if self.aim_spread else 0.0
         if self.rng.random() < self.epsilon:
             return int(self.rng.integers(4))
         if ball is None:
             return FIRE  # no ball in the field: serve
         if paddle is None:
             return NOOP
-        target = ball[1] if velocity is None or velocity[0] <= 0 else landing_column(ball, velocity)
+        target = landing_column(ball, velocity) + self.aim_offset if falling else ball[1]
         if target > paddle + 1.5:
             return RIGHT
         if target < paddle - 1.5:
             return LEFT
         return NOOP
+
+
+# The behaviour policies by their command-line names. Aiming up to 8 columns off (the paddle is about 6
+# wide), the offset tracker returned 3.8 balls an episode in real play against the plain tracker's 9.2
+# (6 episodes each), so its data holds catches and misses by the same style of play.
+TRACKERS = {"tracker": BreakoutTracker, "tracker-offset": functools.partial(BreakoutTracker, aim_spread=8.0)}
 
 
 def ball_position(obs: np.ndarray) -> np.ndarray | None:

@@ -14,7 +14,8 @@ ball reaches the rows just above the paddle and soon flies at least 5 rows back 
 the real clips that bounce and the dreams that do (run it on tracker data, where the paddle meets the
 ball: `--data data/breakout_tracker`). Then it dreams the clips whose real ball bounced once more, with
 the paddle driven away from the ball (LEFT or RIGHT throughout, same noise): in a world that models
-the paddle, those dreams' balls fall through instead of bouncing.
+the paddle, those dreams' balls fall through instead of bouncing. It also counts the clips whose real
+ball came down and fell past the paddle, and how many of their dreams (real actions) bounce anyway.
 """
 
 import argparse
@@ -80,6 +81,14 @@ def bounces(frames: np.ndarray) -> np.ndarray:
     return result
 
 
+def comes_down(frames: np.ndarray) -> np.ndarray:
+    """(B, T, 64, 64, 3) -> (B,) whether the ball reaches a row at or below NEAR_PADDLE with 5 steps left to
+    see whether it bounces."""
+    rows = ball_rows(frames)[:, :-5]
+    with np.errstate(invalid="ignore"):
+        return (rows >= NEAR_PADDLE).any(-1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="world (default: the embedded one)")
@@ -106,6 +115,7 @@ def main():
         rebuilt = model.latents_to_frames(model.frames_to_latents(frames[:, K:K + 1])).numpy()
     # the bounce may start in the context: follow the ball from the last context frame on
     real_bounce = bounces(frames[:, K - 1:].numpy())
+    real_miss = comes_down(frames[:, K - 1:].numpy()) & ~real_bounce  # the ball fell past the paddle
     dream_bounce = bounces(np.concatenate([frames[:, K - 1:K].numpy(), dream.numpy()], axis=1))
     # the clips whose real ball bounced, dreamed twice with the same noise: real actions, paddle driven away
     away = torch.from_numpy(away_from_ball(frames[:, K - 1].numpy()))
@@ -118,7 +128,8 @@ def main():
     result = dict(checkpoint=str(args.checkpoint or "default"), data=args.data, clips=len(picks),
                   temperature=args.temperature, denoiser=args.denoiser,
                   bounces=dict(real=int(real_bounce.sum()), dream=int(dream_bounce.sum()),
-                               real_bounces_dreamed_again=paired),
+                               real_bounces_dreamed_again=paired, real_misses=int(real_miss.sum()),
+                               dream_bounces_on_real_misses=int(dream_bounce[real_miss].sum())),
                   real_with_ball=shows_ball(real).sum(0).tolist(),
                   dream_with_ball=shows_ball(dream.numpy()).sum(0).tolist(),
                   median_brightest=dict(real=float(np.median(brightest(real[:, 0]))),
@@ -131,7 +142,9 @@ def main():
         print(f"| {name} | " + " | ".join(str(v) for v in result[f"{name}_with_ball"]) + " |")
     print("median brightest play-area pixel at step 1 (real ball ~100/255):", result["median_brightest"])
     print(f"balls that come down to the paddle and fly back up: real {result['bounces']['real']}, dream "
-          f"{result['bounces']['dream']}; of the {result['bounces']['real']} real bounces, dreamed again: {paired}")
+          f"{result['bounces']['dream']}; of the {result['bounces']['real']} real bounces, dreamed again: {paired}; "
+          f"of the {result['bounces']['real_misses']} real misses, dreams that bounce: "
+          f"{result['bounces']['dream_bounces_on_real_misses']}")
     write_json_atomic(Path(args.out), result)
     print(f"wrote {args.out}")
 

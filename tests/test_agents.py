@@ -12,7 +12,7 @@ from worldflow.agents import ActorCritic, AgentConfig, AgentPolicy, AgentSpec, l
 from worldflow.agents.actor_critic import lambda_returns
 from worldflow.agents.evaluate import evaluate_agent
 from worldflow.agents.rollouts import RolloutPool
-from worldflow.agents.scripted import FIRE, LEFT, NOOP, BreakoutTracker, landing_column
+from worldflow.agents.scripted import FIRE, LEFT, NOOP, RIGHT, BreakoutTracker, landing_column
 from worldflow.cli import main
 from worldflow.collect import shard_paths
 
@@ -127,6 +127,32 @@ def test_tracker_moves_the_paddle_under_the_falling_ball():
     frame[35, 20], frame[40, 25] = 0, 200  # falling 5 rows and drifting 5 columns a step: lands at 42
     assert tracker(frame) == NOOP
     assert landing_column(np.array([40.0, 50.0]), np.array([4.0, 4.0])) == pytest.approx(51.0)  # off the right wall
+
+
+def test_offset_tracker_aims_one_drawn_offset_off_each_fall(tmp_path):
+    frame = np.zeros((64, 64, 3), np.uint8)
+    frame[57, 40:47] = 200  # paddle centred on column 43
+    offsets = []
+    for seed in range(16):
+        tracker = BreakoutTracker(seed=seed, epsilon=0.0, aim_spread=8.0)
+        path = [(35, 20), (40, 25), (45, 30), (40, 35)]  # falls (landing at 42), falls, then flies up
+        actions, drawn = [], []
+        for ball in path:
+            f = frame.copy()
+            f[ball] = 200
+            actions.append(tracker(f))
+            drawn.append(tracker.aim_offset)
+        offset = drawn[1]
+        assert -8 <= offset <= 8 and drawn[2] == offset  # drawn when the fall is first seen, kept through it
+        assert drawn[0] is None and drawn[3] is None  # no fall seen yet; flying up
+        target = 42 + offset
+        assert actions[1] == (RIGHT if target > 44.5 else LEFT if target < 41.5 else NOOP)
+        offsets.append(offset)
+    assert min(offsets) < -3 and max(offsets) > 3  # it misses to either side
+    out = tmp_path / "d"
+    assert main(["collect", "--env", "ALE/Breakout-v5", "--steps", "40", "--out", str(out),
+                 "--policy", "tracker-offset"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["policy"] == "tracker-offset"
 
 
 def test_tracker_data_holds_more_rewards_than_random_data(breakout_data, tracker_data, tmp_path, capsys):

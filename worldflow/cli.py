@@ -12,8 +12,8 @@ from . import __version__
 
 
 def make_policy(name: str | None, num_actions: int, seed: int | None, frame_size: int = 64):
-    """'random', 'tracker' (the scripted Breakout policy), a saved agent's directory, or None -> a
-    callable obs -> action (or None).
+    """'random', 'tracker' or 'tracker-offset' (the scripted Breakout policies), a saved agent's directory,
+    or None -> a callable obs -> action (or None).
 
     An agent must act with `num_actions` actions on frame_size x frame_size frames, else a ValueError.
     """
@@ -21,14 +21,14 @@ def make_policy(name: str | None, num_actions: int, seed: int | None, frame_size
         return None
     from .agents import AgentPolicy
     from .agents.evaluate import random_policy
-    from .agents.scripted import BreakoutTracker
+    from .agents.scripted import TRACKERS
 
     if name == "random":
         return random_policy(num_actions, seed)
-    if name == "tracker":
+    if name in TRACKERS:
         if frame_size != 64:
             raise ValueError(f"the Breakout tracker reads 64x64 frames; this needs {frame_size}x{frame_size}")
-        return BreakoutTracker(seed, num_actions=num_actions)
+        return TRACKERS[name](seed, num_actions=num_actions)
 
     policy = AgentPolicy(name, seed)
     spec = policy.net.spec
@@ -48,17 +48,17 @@ def run_collect(args) -> None:
         import functools
 
         from .agents import AgentPolicy
-        from .agents.scripted import BreakoutTracker
+        from .agents.scripted import TRACKERS
         from .collect import make_env
 
-        if args.policy != "tracker":
+        if args.policy not in TRACKERS:
             name = str(Path(args.policy).resolve())
         elif "Breakout" not in args.env:
-            raise ValueError(f"--policy tracker plays Breakout only, not {args.env}")
+            raise ValueError(f"--policy {args.policy} plays Breakout only, not {args.env}")
         env = make_env(args.env)
         make_policy(name, env.action_space.n, None, args.size)  # a bad policy fails here, not in a worker
         env.close()
-        factory = BreakoutTracker if name == "tracker" else functools.partial(AgentPolicy, name)
+        factory = TRACKERS[name] if name in TRACKERS else functools.partial(AgentPolicy, name)
     manifest = collect(args.env, args.steps, args.out, size=args.size, seed=args.seed, workers=args.workers,
                        ray_address=args.ray_address, policy_factory=factory, policy_name=name)
     print(f"{args.out}: {args.env}, {manifest['num_actions']} actions {manifest['action_meanings']}")
@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="dataset directory")
     p.add_argument("--workers", type=int, default=0, help="Ray workers (0: in this process)")
     p.add_argument("--policy", default="random", help="behaviour policy: 'random', 'tracker' (scripted Breakout "
-                   "paddle that follows the ball, 25%% random actions) or an agent directory")
+                   "paddle that follows the ball, 25%% random actions), 'tracker-offset' (the same aiming up to 8 "
+                   "columns off, so it misses about half the balls) or an agent directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64, help="frames are resized to SIZE x SIZE RGB")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster")

@@ -16,6 +16,11 @@ ball: `--data data/breakout_tracker`). Then it dreams the clips whose real ball 
 the paddle driven away from the ball (LEFT or RIGHT throughout, same noise): in a world that models
 the paddle, those dreams' balls fall through instead of bouncing. It also counts the clips whose real
 ball came down and fell past the paddle, and how many of their dreams (real actions) bounce anyway.
+Last, without a counterfactual: the first time each ball (real, or dreamed under the real actions)
+comes down, was the paddle under it or beside it, and did it bounce? In real play the paddle's place
+decides; in a world that has not learned the paddle, the dream bounces as often either way. The same
+split once more one step ahead: the real frames up to each real contact, then the dream (drift before
+the contact ruled out).
 """
 
 import argparse
@@ -65,28 +70,48 @@ def away_from_ball(frames: np.ndarray) -> np.ndarray:
     return np.array([LEFT if ball_position(f)[1] > paddle_centre(f) else RIGHT for f in frames])
 
 
+def flies_up_after(path: np.ndarray, i: int) -> bool:
+    """Whether a ball path (T,) of rows (nan: unseen) is seen at least 5 rows above row path[i] within 5 steps
+    of step i, with at most 2 steps unseen (while it overlaps the paddle). A new ball served after a lost
+    life is unseen for longer."""
+    later = path[i + 1:i + 6]
+    seen_up = np.flatnonzero(later <= path[i] - 5)
+    return bool(len(seen_up)) and bool(np.isnan(later[:seen_up[0]]).sum() <= 2)
+
+
 def bounces(frames: np.ndarray) -> np.ndarray:
-    """(B, T, 64, 64, 3) -> (B,) whether the ball comes down to the paddle and flies back up: from a row at
-    or below NEAR_PADDLE it is seen at least 5 rows higher within 5 steps, with at most 2 steps unseen
-    (while it overlaps the paddle). A new ball served after a lost life is unseen for longer."""
-    rows = ball_rows(frames)  # (B, T)
-    result = np.zeros(len(rows), dtype=bool)
-    for b, path in enumerate(rows):
-        for i in np.flatnonzero(path >= NEAR_PADDLE):
-            later = path[i + 1:i + 6]
-            seen_up = np.flatnonzero(later <= path[i] - 5)
-            if len(seen_up) and np.isnan(later[:seen_up[0]]).sum() <= 2:
-                result[b] = True
-                break
-    return result
+    """(B, T, 64, 64, 3) -> (B,) whether the ball comes down to the paddle and flies back up: from some row at
+    or below NEAR_PADDLE."""
+    return np.array([any(flies_up_after(path, i) for i in np.flatnonzero(path >= NEAR_PADDLE))
+                     for path in ball_rows(frames)], dtype=bool)
 
 
-def comes_down(frames: np.ndarray) -> np.ndarray:
-    """(B, T, 64, 64, 3) -> (B,) whether the ball reaches a row at or below NEAR_PADDLE with 5 steps left to
-    see whether it bounces."""
-    rows = ball_rows(frames)[:, :-5]
-    with np.errstate(invalid="ignore"):
-        return (rows >= NEAR_PADDLE).any(-1)
+def first_contacts(frames: np.ndarray) -> list:
+    """(B, T, 64, 64, 3) -> per clip, (step, |ball column - paddle centre|, flew back up) where its ball first
+    comes down to the paddle: the step and the ball's column at the lowest row it is seen at, the paddle's
+    one step later (at about the contact; in real play this gap tells more than the paddle's place a step
+    before). None where the ball does not come down with 5 steps left to tell, or the ball or paddle is
+    not found."""
+    contacts = []
+    for clip, path in zip(frames, ball_rows(frames)):
+        low = np.flatnonzero(path >= NEAR_PADDLE)
+        i = low[0] if len(low) else len(path)
+        while i + 1 < len(path) and path[i + 1] >= path[i]:
+            i += 1
+        ball, paddle = (ball_position(clip[i]), paddle_centre(clip[i + 1])) if i < len(path) - 5 else (None, None)
+        contacts.append(None if ball is None or paddle is None
+                        else (int(i), float(abs(ball[1] - paddle)), flies_up_after(path, i)))
+    return contacts
+
+
+def bounce_by_gap(contacts: list) -> dict:
+    """Contacts split by where the paddle was: under the ball (gap <= 3 columns; the paddle is about 7
+    wide) or beside it (gap >= 6): how many of each, and how many bounced."""
+    found = [c for c in contacts if c is not None]
+    under = [bounced for _, gap, bounced in found if gap <= 3]
+    beside = [bounced for _, gap, bounced in found if gap >= 6]
+    return dict(paddle_under=len(under), bounced_under=int(sum(under)),
+                paddle_beside=len(beside), bounced_beside=int(sum(beside)))
 
 
 def main():
@@ -114,9 +139,11 @@ def main():
     with torch.no_grad():
         rebuilt = model.latents_to_frames(model.frames_to_latents(frames[:, K:K + 1])).numpy()
     # the bounce may start in the context: follow the ball from the last context frame on
-    real_bounce = bounces(frames[:, K - 1:].numpy())
-    real_miss = comes_down(frames[:, K - 1:].numpy()) & ~real_bounce  # the ball fell past the paddle
-    dream_bounce = bounces(np.concatenate([frames[:, K - 1:K].numpy(), dream.numpy()], axis=1))
+    real_seq = frames[:, K - 1:].numpy()
+    dream_seq = np.concatenate([frames[:, K - 1:K].numpy(), dream.numpy()], axis=1)
+    real_bounce, dream_bounce = bounces(real_seq), bounces(dream_seq)
+    real_contacts, dream_contacts = first_contacts(real_seq), first_contacts(dream_seq)
+    real_miss = np.array([c is not None and not c[2] for c in real_contacts])  # the ball fell past the paddle
     # the clips whose real ball bounced, dreamed twice with the same noise: real actions, paddle driven away
     away = torch.from_numpy(away_from_ball(frames[:, K - 1].numpy()))
     driven_away = torch.cat([actions[:, :K - 1], away[:, None].expand(-1, args.horizon)], dim=1)
@@ -125,11 +152,23 @@ def main():
         d, _, _ = rollout(model, frames[real_bounce], acts[real_bounce], args.seed, args.denoiser, args.temperature,
                           "jacobi")
         paired[name] = int(bounces(np.concatenate([frames[real_bounce, K - 1:K].numpy(), d.numpy()], axis=1)).sum())
+    # one step ahead: the real frames up to each real contact's lowest row, then 5 dreamed steps; split by the
+    # real paddle's place, so a missing rule shows apart from drift before the contact
+    near, one_step = [(b, c) for b, c in enumerate(real_contacts) if c is not None], []
+    if near:
+        at = torch.tensor([[c[0] + t for t in range(K + 5)] for _, c in near])  # (N, K + 5) frame indices
+        rows = torch.tensor([b for b, _ in near])[:, None]
+        d, _, _ = rollout(model, frames[rows, at], actions[rows, at[:, :-1]], args.seed, args.denoiser,
+                          args.temperature, "jacobi")
+        paths = ball_rows(np.concatenate([frames[rows, at[:, K - 1:K]].numpy(), d.numpy()], axis=1))
+        one_step = [(c[0], c[1], flies_up_after(path, 0)) for (_, c), path in zip(near, paths)]
     result = dict(checkpoint=str(args.checkpoint or "default"), data=args.data, clips=len(picks),
                   temperature=args.temperature, denoiser=args.denoiser,
                   bounces=dict(real=int(real_bounce.sum()), dream=int(dream_bounce.sum()),
                                real_bounces_dreamed_again=paired, real_misses=int(real_miss.sum()),
                                dream_bounces_on_real_misses=int(dream_bounce[real_miss].sum())),
+                  first_contact=dict(real=bounce_by_gap(real_contacts), dream=bounce_by_gap(dream_contacts),
+                                     dream_from_the_real_contact=bounce_by_gap(one_step)),
                   real_with_ball=shows_ball(real).sum(0).tolist(),
                   dream_with_ball=shows_ball(dream.numpy()).sum(0).tolist(),
                   median_brightest=dict(real=float(np.median(brightest(real[:, 0]))),
@@ -145,6 +184,10 @@ def main():
           f"{result['bounces']['dream']}; of the {result['bounces']['real']} real bounces, dreamed again: {paired}; "
           f"of the {result['bounces']['real_misses']} real misses, dreams that bounce: "
           f"{result['bounces']['dream_bounces_on_real_misses']}")
+    for name, c in result["first_contact"].items():
+        print(f"{name}: first time the ball comes down, paddle under it (<= 3 columns off) {c['paddle_under']}, "
+              f"of which bounce {c['bounced_under']}; paddle beside it (>= 6 off) {c['paddle_beside']}, "
+              f"of which bounce {c['bounced_beside']}")
     write_json_atomic(Path(args.out), result)
     print(f"wrote {args.out}")
 

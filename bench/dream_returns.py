@@ -9,7 +9,8 @@ which earns 3x random's rewards in the real game), for as long as an agent's ima
 (AgentConfig.horizon), and reports each policy's mean imagined return and how many dreams paid
 anything. If every policy gets the same rewards in the same dreams, the world's rewards do not depend
 on the actions, and no agent can learn to play from them; if the tracker earns no more than random,
-the world does not reward what the real game rewards.
+the world does not reward what the real game rewards. In Breakout it also counts the random policy's
+paid steps whose dreamed frame lost a brick: a reward the frames show, not the reward head's alone.
 """
 
 import argparse
@@ -23,16 +24,28 @@ from worldflow.collect import write_json_atomic
 from worldflow.envs import WorldFlowVectorEnv
 
 
-def imagined_returns(env: WorldFlowVectorEnv, policy, horizon: int, seed: int) -> np.ndarray:
+BRICK_ROWS = slice(14, 29)  # Breakout's brick wall in the 64x64 frame (the score is above row 10)
+
+
+def brick_pixels(frames: np.ndarray) -> np.ndarray:
+    """(..., 64, 64, 3) Breakout frames -> (...) lit pixels in the brick wall, inside the side walls."""
+    return (frames[..., BRICK_ROWS, 4:60, :].max(-1) > 30).sum((-2, -1))
+
+
+def imagined_returns(env: WorldFlowVectorEnv, policy, horizon: int, seed: int) -> tuple[np.ndarray, list]:
     """policy(t, frames) -> actions (num_envs,); each dream's summed rewards over `horizon` steps, its first
-    episode only."""
+    episode only, and for each paid step the brick pixels its frame lost (Breakout: a brick is about 3x2
+    pixels of the 64x64 frame)."""
     obs, _ = env.reset(seed=seed)
-    returns, alive = np.zeros(env.num_envs), np.ones(env.num_envs, bool)
+    returns, alive, lost = np.zeros(env.num_envs), np.ones(env.num_envs, bool), []
     for t in range(horizon):
+        last = obs
         obs, rewards, terminated, _, _ = env.step(policy(t, obs))
+        paid = (rewards != 0) & alive
+        lost += (brick_pixels(last[paid]).astype(int) - brick_pixels(obs[paid])).tolist()
         returns += rewards * alive  # a dream that ended autoresets: its next episode is not counted
         alive &= ~terminated
-    return returns
+    return returns, lost
 
 
 def main():
@@ -50,10 +63,12 @@ def main():
     random_actions = rng.integers(0, n, (args.horizon, args.dreams))
     policies = {"random": lambda t, obs: random_actions[t]}
     policies.update({name: (lambda t, obs, a=a: np.full(args.dreams, a)) for a, name in enumerate(env.action_meanings)})
-    if "Breakout" in env.model.config.env_id:  # one tracker per dream: it remembers where its ball was
+    breakout = "Breakout" in env.model.config.env_id
+    if breakout:  # one tracker per dream: it remembers where its ball was
         trackers = [BreakoutTracker(seed=args.seed + i) for i in range(args.dreams)]
         policies["tracker"] = lambda t, obs: np.array([tr(o) for tr, o in zip(trackers, obs)])
-    returns = {name: imagined_returns(env, policy, args.horizon, args.seed) for name, policy in policies.items()}
+    runs = {name: imagined_returns(env, policy, args.horizon, args.seed) for name, policy in policies.items()}
+    returns = {name: r for name, (r, _) in runs.items()}
     print(f"{args.dreams} dreams of {args.horizon} steps, the same starts and noise for every policy")
     print(f"{'policy':>8} {'mean return':>12} {'± s.e.':>7} {'dreams paid':>12}")
     for name, r in returns.items():
@@ -62,11 +77,15 @@ def main():
     table = np.stack(list(returns.values()))  # (policies, dreams)
     differs = int((table != table[0]).any(0).sum())
     print(f"dreams whose return depends on the policy: {differs}/{args.dreams}")
+    lost = runs["random"][1] if breakout else None  # is a paid step a brick that broke in the dream?
+    if lost:
+        print(f"random policy's {len(lost)} paid steps: {sum(px >= 2 for px in lost)} lost >= 2 brick pixels")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(args.out), dict(checkpoint=args.checkpoint or "default", dreams=args.dreams,
                                            horizon=args.horizon, seed=args.seed,
                                            returns={k: v.tolist() for k, v in returns.items()},
-                                           dreams_whose_return_depends_on_policy=differs))
+                                           dreams_whose_return_depends_on_policy=differs,
+                                           random_paid_steps_brick_pixels_lost=lost))
     print(f"wrote {args.out}")
 
 

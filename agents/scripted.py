@@ -64,9 +64,9 @@ class BreakoutTracker:
         return NOOP
 
 
-# The behaviour policies by their command-line names. Aiming up to 8 columns off (the paddle is about 6
-# wide), the offset tracker returned 3.8 balls an episode in real play against the plain tracker's 9.2
-# (6 episodes each), so its data holds catches and misses by the same style of play.
+# The behaviour policies by their command-line names. Aiming up to 8 columns off (the paddle is 7 wide),
+# the offset tracker earned 6.1 a game (297 games, 100,000 steps) against the plain tracker's 10.3 and
+# random play's 1.4, so its data holds catches and misses by the same style of play.
 TRACKERS = {"tracker": BreakoutTracker, "tracker-offset": functools.partial(BreakoutTracker, aim_spread=8.0)}
 
 

@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", default=None, help="run or checkpoint dir (default: the embedded world)")
     p.add_argument("--steps", type=int, default=200, help="frames after the first (ended episodes restart)")
     p.add_argument("--out", required=True, help="clip.mp4 or clip.gif")
-    p.add_argument("--policy", default="random", help="'random', 'tracker' (scripted Breakout) or an agent "
+    p.add_argument("--policy", default="random", help="'random', 'tracker' or 'tracker-offset' (scripted Breakout) or an agent "
                    "directory (`worldflow agent train`)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", choices=["jacobi", "sequential"], default="jacobi")

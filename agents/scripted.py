@@ -49,6 +49,7 @@ class BreakoutTracker:
         if not falling:
             self.aim_offset = None
         elif self.aim_offset is None:  # a new fall: where this one aims
+            # spread 0 draws nothing, so the plain tracker's random stream (and its data) stay as they were
             self.aim_offset = self.rng.uniform(-self.aim_spread, self.aim_spread) if self.aim_spread else 0.0
         if self.rng.random() < self.epsilon:
             return int(self.rng.integers(4))

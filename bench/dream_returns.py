@@ -9,8 +9,9 @@ which earns 3x random's rewards in the real game), for as long as an agent's ima
 (AgentConfig.horizon), and reports each policy's mean imagined return and how many dreams paid
 anything. If every policy gets the same rewards in the same dreams, the world's rewards do not depend
 on the actions, and no agent can learn to play from them; if the tracker earns no more than random,
-the world does not reward what the real game rewards. In Breakout it also counts the random policy's
-paid steps whose dreamed frame lost a brick: a reward the frames show, not the reward head's alone.
+the world does not reward what the real game rewards. In Breakout it also counts the paid steps whose
+dreamed frame lost a brick (printed for the random policy, every policy's in the JSON): a reward the
+frames show, not the reward head's alone.
 """
 
 import argparse
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from worldflow.agents.evaluate import summary
-from worldflow.agents.scripted import BreakoutTracker
+from worldflow.agents.scripted import LEFT_WALL, LIT, RIGHT_WALL, BreakoutTracker
 from worldflow.collect import write_json_atomic
 from worldflow.envs import WorldFlowVectorEnv
 
@@ -29,7 +30,7 @@ BRICK_ROWS = slice(14, 29)  # Breakout's brick wall in the 64x64 frame (the scor
 
 def brick_pixels(frames: np.ndarray) -> np.ndarray:
     """(..., 64, 64, 3) Breakout frames -> (...) lit pixels in the brick wall, inside the side walls."""
-    return (frames[..., BRICK_ROWS, 4:60, :].max(-1) > 30).sum((-2, -1))
+    return (frames[..., BRICK_ROWS, LEFT_WALL:RIGHT_WALL, :].max(-1) > LIT).sum((-2, -1))
 
 
 def imagined_returns(env: WorldFlowVectorEnv, policy, horizon: int, seed: int) -> tuple[np.ndarray, list]:
@@ -77,15 +78,16 @@ def main():
     table = np.stack(list(returns.values()))  # (policies, dreams)
     differs = int((table != table[0]).any(0).sum())
     print(f"dreams whose return depends on the policy: {differs}/{args.dreams}")
-    lost = runs["random"][1] if breakout else None  # is a paid step a brick that broke in the dream?
-    if lost:
-        print(f"random policy's {len(lost)} paid steps: {sum(px >= 2 for px in lost)} lost >= 2 brick pixels")
+    lost = {name: px for name, (_, px) in runs.items()} if breakout else None  # did the dream break a brick?
+    if lost and lost["random"]:
+        print(f"random policy's {len(lost['random'])} paid steps: {sum(px >= 2 for px in lost['random'])} lost >= 2 "
+              "brick pixels")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(args.out), dict(checkpoint=args.checkpoint or "default", dreams=args.dreams,
                                            horizon=args.horizon, seed=args.seed,
                                            returns={k: v.tolist() for k, v in returns.items()},
                                            dreams_whose_return_depends_on_policy=differs,
-                                           random_paid_steps_brick_pixels_lost=lost))
+                                           paid_steps_brick_pixels_lost=lost))
     print(f"wrote {args.out}")
 
 

@@ -42,6 +42,21 @@ def test_checkpoint_keeps_the_game_and_reloads_identically(tiny_run, model_and_c
 
 
 @torch.no_grad()
+def test_frame_log_probs_factor_the_clip_density_causally(model_and_clip):
+    model, frames, actions = model_and_clip
+    per_frame = model.frame_log_probs(frames, actions)
+    assert per_frame.shape == (1, frames.shape[1])
+    assert torch.allclose(per_frame.sum(1), model.log_prob(frames, actions), rtol=1e-5, atol=1e-2)
+    edited = frames.clone()
+    edited[:, -1] = 255 - edited[:, -1]  # a different last frame: only its own term may change
+    again = model.frame_log_probs(edited, actions)
+    assert torch.equal(again[:, :-1], per_frame[:, :-1]) and not torch.allclose(again[:, -1], per_frame[:, -1])
+    edited = frames.clone()
+    edited[:, 0] = 255 - edited[:, 0]  # a different first frame is context for every later one
+    assert not torch.allclose(model.frame_log_probs(edited, actions)[:, 1:], per_frame[:, 1:])
+
+
+@torch.no_grad()
 def test_streamed_dream_keeps_a_constant_window(model_and_clip):
     model, frames, actions = model_and_clip
     state = model.start(frames[:, :2], actions[:, :1], torch.Generator().manual_seed(0))

@@ -206,23 +206,18 @@ class WorldFlowModel(PreTrainedModel):
         return self.score_clip(frames, actions, generator)[0]
 
     @torch.no_grad()
-    def frame_log_probs(self, frames: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None,
-                        per_token: bool = False) -> torch.Tensor:
+    def frame_log_probs(self, frames: torch.Tensor, actions: torch.Tensor,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
         """Exact log-density (nats) of each frame's sigma-noised latents given the frames before it and
         the actions: (B, T), summing to `log_prob`. Exact because the flow is causal across frames (its
-        Jacobian is block-triangular by frame), so the clip's density factors frame by frame.
-
-        per_token: (B, T, N), each token's share of its frame's term (its Gaussian term and its share of
-        the log-det). The shares sum to the frame's term but are not conditionals of their own: the
-        local blocks mix a frame's tokens in both orders."""
+        Jacobian is block-triangular by frame), so the clip's density factors frame by frame."""
         self.check_frames(frames)
         self.check_actions(actions, frames.shape[0], frames.shape[1] - 1)
         generator = generator or torch.Generator(device=self.device).manual_seed(0)
         noisy = add_noise(self.frames_to_latents(frames), self.config.noise_sigma, generator)
         z, logdet, _ = self.flow_forward(self.to_tokens(noisy), self.frame_conditions(actions.to(self.device)),
                                          per_token=True)
-        shares = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1) + logdet  # (B, T, N)
-        return shares if per_token else shares.sum(-1)
+        return (-0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1) + logdet).sum(-1)  # (B, T, N) tokens -> (B, T)
 
     def to_bits_per_dim(self, log_prob: torch.Tensor, frames: int) -> torch.Tensor:
         """Latent bits/dim of `frames` frames' log-density: -log p / (latent dims * ln 2). Not pixel bits/dim."""

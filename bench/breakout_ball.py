@@ -114,6 +114,15 @@ def bounce_by_gap(contacts: list) -> dict:
                 paddle_beside=len(beside), bounced_beside=int(sum(beside)))
 
 
+def load_breakout_world(checkpoint):
+    """The world at `checkpoint` (None: the embedded one); an error unless it models Breakout, whose
+    screen layout these checks read."""
+    model, _, _ = load_world(checkpoint)
+    if model.config.env_id != "ALE/Breakout-v5":
+        raise SystemExit(f"this check reads Breakout's screen layout; the world models {model.config.env_id}")
+    return model
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="world (default: the embedded one)")
@@ -126,9 +135,7 @@ def main():
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "breakout_ball.json"))
     args = parser.parse_args()
 
-    model, _, _ = load_world(args.checkpoint)
-    if model.config.env_id != "ALE/Breakout-v5":
-        raise SystemExit(f"this check reads Breakout's screen layout; the world models {model.config.env_id}")
+    model = load_breakout_world(args.checkpoint)
     K = model.config.context_frames
     clips = ClipDataset(args.data, K + args.horizon, "val")
     picks = [i for i in range(0, len(clips), 7) if shows_ball(clips[i]["frames"][K - 1].numpy())][:args.clips]

@@ -79,6 +79,15 @@ def flies_up_after(path: np.ndarray, i: int) -> bool:
     return bool(len(seen_up)) and bool(np.isnan(later[:seen_up[0]]).sum() <= 2)
 
 
+def lowest_points(path: np.ndarray) -> np.ndarray:
+    """A ball path (T,) of rows (nan: unseen) -> the steps where it comes down to the paddle: seen at or
+    below NEAR_PADDLE, lower than the step before, and the next step not lower (back up, or out of sight)."""
+    here, before, after = path[1:-1], path[:-2], path[2:]
+    with np.errstate(invalid="ignore"):
+        low = (here >= NEAR_PADDLE) & (before < here) & ~(after >= here)
+    return np.flatnonzero(low) + 1
+
+
 def bounces(frames: np.ndarray) -> np.ndarray:
     """(B, T, 64, 64, 3) -> (B,) whether the ball comes down to the paddle and flies back up: from some row at
     or below NEAR_PADDLE."""

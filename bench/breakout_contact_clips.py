@@ -4,11 +4,11 @@ an experiment that oversamples the moment the world has not learned (see breakou
     python bench/breakout_contact_clips.py --data data/breakout_tracker data/breakout_offset \
         --out data/breakout_contacts
 
-From the training episodes only (the held-out ones stay unseen), each contact (the ball seen falling
-to its lowest row at or below breakout_ball.NEAR_PADDLE, then not lower) becomes one episode of
+From the training episodes only (the held-out ones stay unseen), each contact (breakout_ball.lowest_points:
+the ball seen falling to its lowest row at or below NEAR_PADDLE, then not lower) becomes one episode of
 `--before` frames up to it and `--after` frames past it, caught or missed alike, written in
 `worldflow collect`'s shard format. Pooled with the collections it came from
-(`worldflow train --data A B data/breakout_contacts`), every contact is seen that many more times.
+(`worldflow train --data A B data/breakout_contacts`), each contact is in more of the training windows.
 """
 
 import argparse
@@ -19,18 +19,9 @@ import numpy as np
 from worldflow.collect import SHARD_DIR, write_atomic, write_json_atomic
 from worldflow.data import as_roots, load_manifest, split_shards
 
-from breakout_ball import NEAR_PADDLE, ball_rows
+from breakout_ball import ball_rows, lowest_points
 
 FIELDS = ("actions", "rewards", "terminated", "truncated")
-
-
-def contacts(path: np.ndarray) -> np.ndarray:
-    """A ball path (T,) of rows (nan: unseen) -> the steps where it is lowest before going back up or out
-    of sight: at or below NEAR_PADDLE, below the step before, and the next step not lower."""
-    here, before, after = path[1:-1], path[:-2], path[2:]
-    with np.errstate(invalid="ignore"):
-        low = (here >= NEAR_PADDLE) & (before < here) & ~(after >= here)
-    return np.flatnonzero(low) + 1
 
 
 def main():
@@ -55,7 +46,7 @@ def main():
         for shard in split_shards(root, "train", args.val_fraction):
             with np.load(shard) as f:
                 episode = {k: f[k] for k in ("frames", *FIELDS)}
-            for c in contacts(ball_rows(episode["frames"])):
+            for c in lowest_points(ball_rows(episode["frames"])):
                 start, stop = c - args.before + 1, c + args.after + 1  # frames [start, stop)
                 if start < 0 or stop > len(episode["frames"]):
                     continue

@@ -29,6 +29,11 @@ before, not by where the paddle is, so a world's D at the contact frame is the i
 Control: windows whose ball stays far above the paddle, edited the same way (moved as far as the
 catches were); there the paddle's place should not matter at all.
 
+What D is not: the rule's strength. The erased ball is not what a miss looks like in its first frame
+(a missed ball is still in view, falling past the paddle's rows), so with the paddle away both B and
+V are pictures real play never shows. D is a fixed, sample-free measurement to compare worlds by; the
+dreamed rule itself is measured by sampling (breakout_ball.py).
+
 Misses (the paddle beside, the ball falling through) are not used: that ball passes through the
 paddle's rows, so a paddle moved under it has to hide it or be drawn through, and either edit is a
 picture real play never shows.
@@ -45,7 +50,7 @@ from worldflow.agents.scripted import LEFT_WALL, LIT, PADDLE_ROW, RIGHT_WALL, ba
 from worldflow.collect import write_json_atomic
 from worldflow.data import ClipDataset
 
-from breakout_ball import NEAR_PADDLE, PLAY_AREA, ball_rows, flies_up_after, load_breakout_world
+from breakout_ball import NEAR_PADDLE, PLAY_AREA, ball_rows, flies_up_after, load_breakout_world, lowest_points
 
 PADDLE_ROWS = slice(PADDLE_ROW, PADDLE_ROW + 2)  # the paddle is two rows of the 64x64 frame
 AFTER = 5  # steps scored after the contact (flies_up_after looks 5 ahead)
@@ -105,8 +110,7 @@ def find_window(frames: np.ndarray, path: np.ndarray, spans: list, K: int):
         return None
     if np.all(path <= NEAR_PADDLE - 5):
         return "control", None, None
-    low = path[K - 1]
-    if not (low >= NEAR_PADDLE and path[K - 2] < low and not path[K] >= low):
+    if K - 1 not in lowest_points(path):
         return None
     first, last = spans[K]
     return "contact", ball_position(frames[K - 1])[1] - (first + last) / 2, flies_up_after(path, K - 1)
@@ -139,7 +143,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="world (default: the embedded one)")
     parser.add_argument("--data", nargs="+", default=["data/breakout_tracker", "data/breakout_offset"],
-                        help="Breakout collections where the paddle returns the ball; their held-out episodes are used")
+                        help="Breakout collections where the paddle returns the ball (their held-out episodes, or "
+                             "all with --split all)")
     parser.add_argument("--split", default="val", choices=("val", "all"),
                         help="the held-out episodes, or all of them (for a collection made only to evaluate)")
     parser.add_argument("--catches", type=int, default=512, help="at most this many catch windows")
@@ -177,8 +182,8 @@ def main():
         if abs(gap) <= 3 or abs(gap) >= MIN_GAP:
             bounced_by_place["under" if abs(gap) <= 3 else "away"].append(bounced)
         shift = shift_that_fits(window_spans, shifts_away(gap)) if bounced and abs(gap) <= 3 else None
-        if shift is not None and len(cases["catch"]) < args.catches and \
-                not any(i - j < T for j, _ in cases["catch"][-1:]):  # windows do not overlap
+        overlaps = bool(cases["catch"]) and i - cases["catch"][-1][0] < T  # catches' windows do not overlap
+        if shift is not None and len(cases["catch"]) < args.catches and not overlaps:
             cases["catch"].append((i, shift))
     if not cases["catch"]:
         raise SystemExit(f"no catch in {args.data} ({args.split}): collect tracker play "

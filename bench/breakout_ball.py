@@ -39,6 +39,7 @@ from worldflow.world_model import DENOISERS
 
 PLAY_AREA = (slice(29, 56), slice(4, 60))  # rows between the bricks and the paddle, columns inside the walls
 NEAR_PADDLE = 49  # play-area rows at or below this are the ball's last two steps before the paddle (row 57)
+UNDER = 3  # a ball at most this many columns from the paddle's centre is over the paddle (about 7 wide)
 
 
 def play_area(frames: np.ndarray) -> np.ndarray:
@@ -114,10 +115,10 @@ def first_contacts(frames: np.ndarray) -> list:
 
 
 def bounce_by_gap(contacts: list) -> dict:
-    """Contacts split by where the paddle was: under the ball (gap <= 3 columns; the paddle is about 7
-    wide) or beside it (gap >= 6): how many of each, and how many bounced."""
+    """Contacts split by where the paddle was: under the ball (gap <= UNDER columns) or beside it (gap >= 6):
+    how many of each, and how many bounced."""
     found = [c for c in contacts if c is not None]
-    under = [bounced for _, gap, bounced in found if gap <= 3]
+    under = [bounced for _, gap, bounced in found if gap <= UNDER]
     beside = [bounced for _, gap, bounced in found if gap >= 6]
     return dict(paddle_under=len(under), bounced_under=int(sum(under)),
                 paddle_beside=len(beside), bounced_beside=int(sum(beside)))
@@ -201,7 +202,7 @@ def main():
           f"of the {result['bounces']['real_misses']} real misses, dreams that bounce: "
           f"{result['bounces']['dream_bounces_on_real_misses']}")
     for name, c in result["first_contact"].items():
-        print(f"{name}: first time the ball comes down, paddle under it (<= 3 columns off) {c['paddle_under']}, "
+        print(f"{name}: first time the ball comes down, paddle under it (<= {UNDER} columns off) {c['paddle_under']}, "
               f"of which bounce {c['bounced_under']}; paddle beside it (>= 6 off) {c['paddle_beside']}, "
               f"of which bounce {c['bounced_beside']}")
     write_json_atomic(Path(args.out), result)

@@ -20,10 +20,10 @@ context_frames - 1 frames before it, the window the world was trained on):
     D = [log p(B | U) - log p(V | U)] - [log p(B | A) - log p(V | A)]
 
 In real Breakout D is unbounded (a ball never comes back up without the paddle); the bench also prints
-the log-odds gap of the data's own contacts as its ball finder sees them (paddle under against 10+
-columns away), the D of a world that had learned the rule that sharply. A world that has not learned
-the rule has D about 0, except for what a ball costs it next to a paddle rather than alone (each
-edit's own cost cancels out of the difference; this interaction does not). That is measured at the
+the log-odds gap of the data's own contacts as its ball finder sees them (paddle within UNDER columns
+against MIN_GAP or more away), the D of a world that had learned the rule that sharply. A world that
+has not learned the rule has D about 0, except for what a ball costs it next to a paddle rather than
+alone (each edit's own cost cancels out of the difference; this interaction does not). That is measured at the
 contact frame itself, with the ball erased from there: the ball there was decided by the frames
 before, not by where the paddle is, so a world's D at the contact frame is the interaction alone.
 Control: windows whose ball stays far above the paddle, edited the same way (moved as far as the
@@ -50,7 +50,8 @@ from worldflow.agents.scripted import LEFT_WALL, LIT, PADDLE_ROW, RIGHT_WALL, ba
 from worldflow.collect import write_json_atomic
 from worldflow.data import ClipDataset
 
-from breakout_ball import NEAR_PADDLE, PLAY_AREA, ball_rows, flies_up_after, load_breakout_world, lowest_points
+from breakout_ball import (NEAR_PADDLE, PLAY_AREA, UNDER, ball_rows, flies_up_after, load_breakout_world,
+                           lowest_points)
 
 PADDLE_ROWS = slice(PADDLE_ROW, PADDLE_ROW + 2)  # the paddle is two rows of the 64x64 frame
 AFTER = 5  # steps scored after the contact (flies_up_after looks 5 ahead)
@@ -179,9 +180,9 @@ def main():
             controls.append((i, window_spans))
         if kind != "contact":
             continue
-        if abs(gap) <= 3 or abs(gap) >= MIN_GAP:
-            bounced_by_place["under" if abs(gap) <= 3 else "away"].append(bounced)
-        shift = shift_that_fits(window_spans, shifts_away(gap)) if bounced and abs(gap) <= 3 else None
+        if abs(gap) <= UNDER or abs(gap) >= MIN_GAP:
+            bounced_by_place["under" if abs(gap) <= UNDER else "away"].append(bounced)
+        shift = shift_that_fits(window_spans, shifts_away(gap)) if bounced and abs(gap) <= UNDER else None
         overlaps = bool(cases["catch"]) and i - cases["catch"][-1][0] < T  # catches' windows do not overlap
         if shift is not None and len(cases["catch"]) < args.catches and not overlaps:
             cases["catch"].append((i, shift))
@@ -206,8 +207,9 @@ def main():
                   data_contacts={k: dict(count=len(v), bounced=int(sum(v))) for k, v in bounced_by_place.items()},
                   data_log_odds_bits=data_bits, cases={})
     frames_scored = ["contact"] + [f"after {j + 1}" for j in range(args.scored)]
+    columns = frames_scored + ["after, summed"]
     for name, chosen in cases.items():
-        shifts = {f: [] for f in frames_scored}  # D per clip at each frame, in bits
+        d_by_frame = {f: [] for f in frames_scored}  # D per clip at each frame, in bits
         for b in range(0, len(chosen), args.batch):
             part = chosen[b:b + args.batch]
             real = np.stack([clips[i]["frames"].numpy() for i, _ in part])
@@ -215,29 +217,28 @@ def main():
             actions = torch.stack([clips[i]["actions"] for i, _ in part])
             # the contact frame itself: the paddle has decided nothing yet, so a world's D there is what
             # a ball beside a paddle costs it, not the rule
-            shifts["contact"] += preference_shift(model, real, moved, actions, K - 1, K - 1).tolist()
+            d_by_frame["contact"] += preference_shift(model, real, moved, actions, K - 1, K - 1).tolist()
             for j in range(args.scored):
-                shifts[f"after {j + 1}"] += preference_shift(model, real, moved, actions, K + j, K).tolist()
-        d = np.array([shifts[f] for f in frames_scored])  # (frames, clips)
+                d_by_frame[f"after {j + 1}"] += preference_shift(model, real, moved, actions, K + j, K).tolist()
+        d = np.array([d_by_frame[f] for f in frames_scored])  # (frames, clips)
         d = np.concatenate([d, d[1:].sum(0, keepdims=True)])
         result["cases"][name] = dict(count=len(chosen), shifts=[s for _, s in chosen], D_bits=dict(
             (f, dict(mean=float(v.mean()), stderr=float(v.std(ddof=1) / math.sqrt(len(v))), per_clip=v.tolist()))
-            for f, v in zip(frames_scored + ["after, summed"], d)))
+            for f, v in zip(columns, d)))
     world = f"{args.checkpoint or 'default'}{' (flow set to the identity)' * args.identity_flow}"
     print(f"world {world}, {' '.join(args.data)} ({args.split}). D, in bits: how much more "
           f"the world prefers a ball that is there to an erased one with the paddle under it than with the paddle "
           f"moved away, at the contact frame and at each frame after it (mean ± s.e.)")
-    columns = frames_scored + ["after, summed"]
     print("| windows | count | " + " | ".join(columns) + " |")
     print("|---|---:|" + "---:|" * len(columns))
     for name, r in result["cases"].items():
         print(f"| {name} | {r['count']} | " + " | ".join(
             f"{r['D_bits'][f]['mean']:+.1f} ± {r['D_bits'][f]['stderr']:.1f}" for f in columns) + " |")
     c = result["data_contacts"]
-    print(f"In the data, of the contacts with the paddle under the ball (<= 3 columns) {c['under']['bounced']} of "
-          f"{c['under']['count']} bounced; with it {MIN_GAP}+ columns away, {c['away']['bounced']} of "
-          f"{c['away']['count']}: a log-odds gap of {data_bits:.1f} bits, what D would be for a world that "
-          f"had learned the rule as sharply as this bench's ball finder sees it")
+    print(f"In the data, of the contacts with the paddle under the ball (<= {UNDER} columns) "
+          f"{c['under']['bounced']} of {c['under']['count']} bounced; with it {MIN_GAP}+ columns away, "
+          f"{c['away']['bounced']} of {c['away']['count']}: a log-odds gap of {data_bits:.1f} bits, what D would be "
+          f"for a world that had learned the rule as sharply as this bench's ball finder sees it")
     write_json_atomic(Path(args.out), result)
     print(f"wrote {args.out}")
 

@@ -232,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", default=None, help="run or checkpoint dir (default: the embedded world)")
     p.add_argument("--steps", type=int, default=200, help="frames after the first (ended episodes restart)")
     p.add_argument("--out", required=True, help="clip.mp4 or clip.gif")
-    p.add_argument("--policy", default="random", help="'random', 'tracker' or 'tracker-offset' (scripted Breakout) or an agent "
-                   "directory (`worldflow agent train`)")
+    p.add_argument("--policy", default="random", help="'random', 'tracker' or 'tracker-offset' (scripted Breakout) "
+                   "or an agent directory (`worldflow agent train`)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", choices=["jacobi", "sequential"], default="jacobi")
     p.add_argument("--denoiser", choices=["flow-score", "tweedie", "none"], default="flow-score")

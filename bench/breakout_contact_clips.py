@@ -45,12 +45,13 @@ def main():
     for root in as_roots(args.data):
         for shard in split_shards(root, "train", args.val_fraction):
             with np.load(shard) as f:
-                episode = {k: f[k] for k in ("frames", *FIELDS)}
+                episode = {k: f[k] for k in ("frames", "lives", *FIELDS)}
             for c in lowest_points(ball_rows(episode["frames"])):
                 start, stop = c - args.before + 1, c + args.after + 1  # frames [start, stop)
                 if start < 0 or stop > len(episode["frames"]):
                     continue
-                snippet = dict(frames=episode["frames"][start:stop],
+                # lives per frame; a life lost after the cut is not in the clip (its last steps look safe)
+                snippet = dict(frames=episode["frames"][start:stop], lives=episode["lives"][start:stop],
                                **{k: episode[k][start:stop - 1] for k in FIELDS})
                 # truncated, not terminated, at its cut: the game went on
                 snippet["truncated"] = snippet["truncated"].copy()

@@ -1,12 +1,14 @@
 """Collection writes whole episodes atomically, resumes exactly, and feeds fixed-length clips."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from worldflow.collect import collect, shard_paths, shard_steps
-from worldflow.data import ClipDataset, load_manifest
+from worldflow.data import NO_LIFE_LOSS, ClipDataset, load_manifest, steps_to_life_loss
 
 
 def test_collection_writes_episodes_and_manifest(breakout_data):
@@ -21,8 +23,32 @@ def test_collection_writes_episodes_and_manifest(breakout_data):
         assert ep["rewards"].shape == ep["terminated"].shape == (L,)
         assert ep["terminated"][-1] or ep["truncated"][-1]  # an episode ends where its shard ends
         assert ep["frames"].std() > 1  # real pixels, not a blank screen
+        assert ep["lives"].shape == (L + 1,) and ep["lives"][0] == 5  # Breakout starts with 5 lives
+        assert ep["terminated"][-1] == (ep["lives"][-1] == 0) and (np.diff(ep["lives"]) <= 0).all()
     with np.load(shards[-1]) as last:
         assert last["truncated"][-1]  # the step budget cut the last episode
+
+
+def test_steps_to_life_loss_counts_to_the_next_lost_life():
+    lives = np.array([3, 3, 3, 2, 2, 1, 1, 1])  # steps 2 and 4 lose a life
+    assert steps_to_life_loss(lives).tolist() == [2, 1, 0, 1, 0, NO_LIFE_LOSS, NO_LIFE_LOSS]
+    assert steps_to_life_loss(np.zeros(4, np.int16)).tolist() == [NO_LIFE_LOSS] * 3  # a game without lives
+
+
+def test_clips_carry_each_steps_distance_to_a_lost_life_and_old_shards_are_refused(breakout_data, tmp_path):
+    clips = ClipDataset(breakout_data, clip_frames=4, split="all")
+    ep = clips.episodes[0]
+    with np.load(shard_paths(breakout_data)[0]) as shard:
+        lost = np.flatnonzero(np.diff(shard["lives"]) < 0)
+        old = {k: shard[k] for k in shard.files if k != "lives"}
+    assert len(lost) >= 1 and (ep["steps_to_life_loss"][lost] == 0).all()
+    item = clips[0]
+    assert torch.equal(item["steps_to_life_loss"], torch.from_numpy(ep["steps_to_life_loss"][:3]))
+    stale = tmp_path / "stale"
+    shutil.copytree(breakout_data, stale)
+    np.savez_compressed(shard_paths(stale)[0], **old)  # as collected before lives were recorded
+    with pytest.raises(ValueError, match="collect it again"):
+        ClipDataset(stale, clip_frames=4, split="all")
 
 
 def test_clip_dataset_splits_by_episode(breakout_data):

@@ -3,9 +3,10 @@
 Layout of a dataset directory:
     manifest.json                    env id, action meanings, frame size, preprocessing
     episodes/w00-e000000.npz         one episode: frames (L+1, S, S, 3) uint8, actions (L,),
-                                     rewards (L,), terminated (L,), truncated (L,)
+                                     rewards (L,), terminated (L,), truncated (L,), lives (L+1,)
 frames[i] is the observation where actions[i] was taken; rewards[i], terminated[i] and
-truncated[i] describe the step it led to. A shard is written to a temporary file and renamed,
+truncated[i] describe the step it led to; lives[i] is the game's life counter at frames[i] (ALE's
+info["lives"]; 0 throughout for an env without lives). A shard is written to a temporary file and renamed,
 so readers never see half an episode; a stopped collection resumes at the next episode.
 """
 
@@ -110,14 +111,15 @@ def collect_worker(env_id: str, steps: int, out: str, size: int, seed: int, work
     env = make_env(env_id)
     while done < steps:
         ep_seed = int(np.random.SeedSequence([seed, worker, episode]).generate_state(1)[0])
-        obs, _ = env.reset(seed=ep_seed)
+        obs, info = env.reset(seed=ep_seed)
         env.action_space.seed(ep_seed)
         policy = policy_factory(ep_seed) if policy_factory else None
-        frames, actions, rewards, terms, truncs = [obs], [], [], [], []
+        frames, actions, rewards, terms, truncs, lives = [obs], [], [], [], [], [info.get("lives", 0)]
         while True:
             action = env.action_space.sample() if policy is None else policy(resize_frames(obs, size))
-            obs, reward, terminated, truncated, _ = env.step(action)
+            obs, reward, terminated, truncated, info = env.step(action)
             frames.append(obs)
+            lives.append(info.get("lives", 0))
             actions.append(action)
             rewards.append(reward)
             terms.append(terminated)
@@ -128,7 +130,7 @@ def collect_worker(env_id: str, steps: int, out: str, size: int, seed: int, work
                 break
         data = dict(frames=resize_frames(np.stack(frames), size), actions=np.array(actions, np.int64),
                     rewards=np.array(rewards, np.float32), terminated=np.array(terms, bool),
-                    truncated=np.array(truncs, bool))
+                    truncated=np.array(truncs, bool), lives=np.array(lives, np.int16))
         write_atomic(out / SHARD_DIR / f"w{worker:02d}-e{episode:06d}.npz", lambda f: np.savez_compressed(f, **data))
         done += len(actions)
         collected += len(actions)

@@ -57,6 +57,30 @@ def window_starts(length: int, clip_frames: int, stride: int) -> list[int]:
     return starts
 
 
+NO_LIFE_LOSS = 2**30  # steps_to_life_loss of a step with no life lost after it in its episode
+
+
+def steps_to_life_loss(lives: np.ndarray) -> np.ndarray:
+    """An episode's life counter (L+1,) -> (L,) int64: for each step, how many steps later a life is
+    lost (0: this step loses one), or NO_LIFE_LOSS. A life goes some steps after the ball does (in
+    Breakout 7-10 steps after it leaves the field), so a world's heads learn "a life goes within the
+    next K steps", which this gives for any K."""
+    lost = np.flatnonzero(lives[1:] < lives[:-1])  # steps that lose a life
+    nxt = np.searchsorted(lost, np.arange(len(lives) - 1))  # the first loss at or after each step
+    lost = np.append(lost, NO_LIFE_LOSS + len(lives))
+    return np.minimum(lost[nxt] - np.arange(len(lives) - 1), NO_LIFE_LOSS).astype(np.int64)
+
+
+def load_episode(path: Path) -> dict:
+    """One shard -> the arrays training reads: frames, actions, rewards, terminated, steps_to_life_loss."""
+    with np.load(path) as shard:
+        if "lives" not in shard:
+            raise ValueError(f"{path} was collected before episodes recorded the game's lives: collect it again")
+        episode = {k: shard[k] for k in ("frames", "actions", "rewards", "terminated")}
+        episode["steps_to_life_loss"] = steps_to_life_loss(shard["lives"])
+    return episode
+
+
 def split_shards(root: Path, split: str, val_fraction: float) -> list[Path]:
     shards = shard_paths(root)
     held_out = [p for p in shards if is_held_out(p, val_fraction)]
@@ -74,8 +98,8 @@ class ClipDataset(Dataset):
     collected fresh for an evaluation is held out as a whole). `root` may be a list of datasets of
     one game; each is split on its own, and the clips of all are pooled.
 
-    Item: frames (T, S, S, 3) uint8, actions (T-1,) long, rewards (T-1,) float, terminated (T-1,) bool;
-    actions[i] leads from frames[i] to frames[i+1].
+    Item: frames (T, S, S, 3) uint8, actions (T-1,) long, rewards (T-1,) float, terminated (T-1,) bool,
+    steps_to_life_loss (T-1,) long; actions[i] leads from frames[i] to frames[i+1].
     """
 
     def __init__(self, root, clip_frames: int, split: str = "train", val_fraction: float = 0.1, stride: int = 1):
@@ -84,10 +108,7 @@ class ClipDataset(Dataset):
         roots = as_roots(root)
         self.manifest = load_manifest(roots)
         chosen = [p for r in roots for p in split_shards(r, split, val_fraction)]
-        self.episodes = []
-        for path in chosen:
-            with np.load(path) as shard:
-                self.episodes.append({k: shard[k] for k in ("frames", "actions", "rewards", "terminated")})
+        self.episodes = [load_episode(path) for path in chosen]
         # (episode, start) of every clip that fits inside its episode
         self.index = [(e, s) for e, ep in enumerate(self.episodes) for s in window_starts(len(ep["frames"]), clip_frames, stride)]
         if not self.index:
@@ -104,7 +125,8 @@ class ClipDataset(Dataset):
         return dict(frames=torch.from_numpy(ep["frames"][s:s + T]),
                     actions=torch.from_numpy(ep["actions"][s:s + T - 1]).long(),
                     rewards=torch.from_numpy(ep["rewards"][s:s + T - 1]).float(),
-                    terminated=torch.from_numpy(ep["terminated"][s:s + T - 1]))
+                    terminated=torch.from_numpy(ep["terminated"][s:s + T - 1]),
+                    steps_to_life_loss=torch.from_numpy(ep["steps_to_life_loss"][s:s + T - 1]))
 
 
 def spread_clips(clips: ClipDataset, count: int) -> dict:

@@ -1,5 +1,6 @@
 """Training: end to end from real frames, exact resume after a stop, clear errors, real learning."""
 
+import csv
 import json
 import shutil
 import signal
@@ -123,6 +124,22 @@ def test_fine_tune_keeps_the_autoencoder_and_trains_what_the_old_checkpoint_lack
     wide.model.width, wide.train.init = 64, str(run)  # a run directory stands for its latest checkpoint
     with pytest.raises(ValueError, match="another architecture"):
         Trainer(wide, str(breakout_data), str(tmp_path / "wide"))
+
+
+def test_heads_only_fine_tune_trains_the_heads_and_leaves_the_rest(tiny_run, breakout_data, tmp_path):
+    _, run = tiny_run
+    before = WorldFlowModel.from_pretrained(run / "latest").state_dict()
+    cfg = load_config(TINY)
+    cfg.train.ae_steps, cfg.train.flow_steps, cfg.train.train_flow, cfg.train.init = 0, 3, False, str(run)
+    Trainer(cfg, str(breakout_data), str(tmp_path / "heads")).run(progress=False)
+    after = WorldFlowModel.from_pretrained(tmp_path / "heads" / "latest").state_dict()
+    heads = [k for k in before if k.startswith("heads.")]
+    assert any(k.startswith("heads.life_loss.") for k in heads)
+    assert all(not torch.equal(before[k], after[k]) for k in heads if k.endswith("weight"))
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("heads."))
+    with open(tmp_path / "heads" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(float(r["life_loss"]) > 0 and r["flow"] == "" for r in rows)
 
 
 def test_a_few_hundred_steps_lower_held_out_bits_per_dim(breakout_data, tmp_path):

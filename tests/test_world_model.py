@@ -130,13 +130,17 @@ def test_outcome_heads_learn_a_small_change_anywhere_in_the_frame():
     assert accuracy > 0.95
 
 
-def test_outcome_weights_make_each_reward_sign_and_ending_count_equally():
+def test_outcome_weights_make_each_reward_sign_ending_and_lost_life_count_equally(model_and_clip):
+    model = model_and_clip[0]
     rewards = torch.tensor([0.0] * 90 + [1.0] * 8 + [-3.0] * 2)  # signs are what count
     terminated = torch.tensor([False] * 96 + [True] * 4)
-    reward_weight, termination_weight = WorldFlowModel.outcome_weights(rewards, terminated)
+    horizon = model.config.life_loss_horizon
+    steps_to_life_loss = torch.tensor([horizon - 1] * 20 + [horizon] * 30 + [2**30] * 50)  # 20 within the horizon
+    weights = model.outcome_weights(rewards, terminated, steps_to_life_loss)
     counts = torch.tensor([2.0, 90.0, 8.0])  # -1, 0, +1
-    assert torch.allclose(reward_weight * counts, torch.full((3,), 90.0))
-    assert termination_weight.item() == 24.0  # 96 steps that went on against 4 endings
+    assert torch.allclose(weights["reward"] * counts, torch.full((3,), 90.0))
+    assert weights["terminated"].item() == 24.0  # 96 steps that went on against 4 endings
+    assert weights["life_loss"].item() == 4.0  # 80 steps with no life lost within the horizon against 20
 
 
 @torch.no_grad()
@@ -165,11 +169,12 @@ def test_motion_weighted_flow_loss_weighs_changed_tokens_and_keeps_the_denoiser_
     expected[0, 2, (40 // side) * (64 // side) + 30 // side] = True
     assert torch.equal(moved, expected)
 
-    rewards, terminated = torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.bool)
+    outcomes = dict(rewards=torch.zeros(1, 2), terminated=torch.zeros(1, 2, dtype=torch.bool),
+                    steps_to_life_loss=torch.full((1, 2), 2**30))
     runs = {}
     for weight in (0.0, 5.0):
-        losses, noisy = model.compute_losses(clip, actions[:, :2], rewards, terminated,
-                                             torch.Generator().manual_seed(0), motion_weight=weight)
+        losses, noisy = model.compute_losses(clip, actions[:, :2], outcomes, torch.Generator().manual_seed(0),
+                                             motion_weight=weight)
         model.zero_grad()
         losses["total"].backward()
         runs[weight] = losses, noisy.grad.clone(), model.deep.head.weight.grad.clone()

@@ -29,6 +29,9 @@ class ModelConfig:
     context_frames: int = 8  # sliding window of the deep block's KV cache, in frames
     denoiser_width: int = 64
     head_width: int = 32  # reward / termination heads' convolutions over the frame's change
+    # the life-loss head predicts "a life is lost within this many steps"; in Breakout a life goes
+    # 7-10 steps after the ball leaves the field, so 12 reaches back to the paddle's miss itself
+    life_loss_horizon: int = 12
 
 
 @dataclass
@@ -46,6 +49,9 @@ class TrainConfig:
     # (WorldFlowModel.compute_losses): Breakout's ball and paddle are a few of 64 tokens, and the
     # static rest dominates a plain likelihood. 0 = the plain likelihood.
     flow_motion_weight: float = 0.0
+    # false: the flow stage fits only the reward / termination / life-loss heads, on a fixed flow and
+    # denoiser (a forward pass a step, no flow backward): new heads for a trained world (with init)
+    train_flow: bool = True
     lr: float = 3e-4
     denoiser_lr: float = 3e-4
     warmup_steps: int = 100

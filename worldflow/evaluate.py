@@ -81,11 +81,12 @@ def fidelity(pred: torch.Tensor, real: torch.Tensor, last: torch.Tensor) -> dict
 
 @torch.no_grad()
 def heads_and_likelihood(model: WorldFlowModel, data, split: str, windows: int, seed: int) -> dict:
-    """Latent bits/dim and the reward / termination heads, teacher-forced on non-overlapping real windows."""
+    """Latent bits/dim and the reward / termination / life-loss heads, teacher-forced on non-overlapping
+    real windows."""
     K = model.config.context_frames
     clips = ClipDataset(data, K, split, stride=K)
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    bpd, pred_r, real_r, pred_t, real_t = [], [], [], [], []
+    bpd, pred_r, real_r, pred_t, real_t, pred_l, real_l = [], [], [], [], [], [], []
     for i in range(0, min(windows, len(clips)), 32):
         b = default_collate([clips[j] for j in range(i, min(i + 32, windows, len(clips)))])
         log_p, logits = model.score_clip(b["frames"], b["actions"], generator)  # logits: the steps into frames 1..
@@ -94,9 +95,13 @@ def heads_and_likelihood(model: WorldFlowModel, data, split: str, windows: int, 
         real_r.append(b["rewards"].sign().long().flatten())
         pred_t.append(torch.sigmoid(logits[..., 3]).flatten() > 0.5)
         real_t.append(b["terminated"].flatten())
-    pred_r, real_r, pred_t, real_t = (torch.cat(v) for v in (pred_r, real_r, pred_t, real_t))
+        pred_l.append(torch.sigmoid(logits[..., 4]).flatten() > 0.5)
+        real_l.append(model.life_loss_ahead(b["steps_to_life_loss"]).flatten() > 0)
+    pred_r, real_r, pred_t, real_t, pred_l, real_l = (torch.cat(v) for v in (pred_r, real_r, pred_t, real_t,
+                                                                             pred_l, real_l))
     nonzero = real_r != 0
     hits = (pred_t & real_t).sum().item()
+    life_hits = (pred_l & real_l).sum().item()
     return dict(
         bits_per_dim=torch.cat(bpd).mean().item(), windows=len(torch.cat(bpd)), steps=len(real_r),
         reward_sign_accuracy=(pred_r == real_r).float().mean().item(),
@@ -104,7 +109,11 @@ def heads_and_likelihood(model: WorldFlowModel, data, split: str, windows: int, 
         nonzero_rewards=int(nonzero.sum()),
         termination_precision=hits / pred_t.sum().item() if pred_t.any() else None,
         termination_recall=hits / real_t.sum().item() if real_t.any() else None,
-        terminations=int(real_t.sum()))
+        terminations=int(real_t.sum()),
+        # "a life goes within life_loss_horizon steps": precision and recall of the steps where it does
+        life_loss_precision=life_hits / pred_l.sum().item() if pred_l.any() else None,
+        life_loss_recall=life_hits / real_l.sum().item() if real_l.any() else None,
+        life_loss_accuracy=(pred_l == real_l).float().mean().item(), life_loss_steps=int(real_l.sum()))
 
 
 @torch.no_grad()

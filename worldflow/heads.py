@@ -1,4 +1,5 @@
-"""Reward and termination heads: what a step earned and whether it ended the episode, per frame.
+"""Reward, termination and life-loss heads: what a step earned, whether it ended the episode, and
+whether a life will be lost within the next few steps, per frame.
 
 They read the deep block's hidden state for the frame (its memory of the clip so far) and the
 frame's change: a few strided convolutions over the clean latent grid and its difference from the
@@ -6,6 +7,12 @@ previous one, max-pooled so a small event anywhere (a brick vanishing, a score d
 Why not the hidden state alone: on the 5,000-step Breakout world, an MLP probe on the deep block's
 states recovered 3% of held-out nonzero rewards (0% from states mean-pooled over the frame), while
 a reward in Atari is almost always visible as a local change between two frames.
+
+Why a life-loss head beside termination: a game over comes once an episode, but a life goes every
+few hundred steps, and in Breakout whether it goes is decided where the ball meets the paddle. The
+head judges that from the frames (a classifier), which is far easier to learn than drawing the
+bounce; a world whose dreamed ball does not yet bounce off the paddle can still tell an agent that
+a ball falling beside the paddle costs a life.
 """
 
 import torch
@@ -13,7 +20,8 @@ import torch.nn as nn
 
 
 class OutcomeHeads(nn.Module):
-    """(latent_t, latent_t-1, deep state_t) -> logits (..., 4): reward sign -1/0/+1 and termination."""
+    """(latent_t, latent_t-1, deep state_t) -> logits (..., 5): reward sign -1/0/+1, termination, and
+    a life lost within the next `life_loss_horizon` steps (ModelConfig)."""
 
     def __init__(self, channels: int, conv_width: int, state_width: int):
         super().__init__()
@@ -25,8 +33,11 @@ class OutcomeHeads(nn.Module):
         )
         self.out = nn.Sequential(nn.Linear(conv_width + state_width, state_width), nn.GELU(),
                                  nn.Linear(state_width, 4))
+        # its own layers, so worlds trained before it load their reward and termination heads unchanged
+        self.life_loss = nn.Sequential(nn.Linear(conv_width + state_width, state_width), nn.GELU(),
+                                       nn.Linear(state_width, 1))
 
     def forward(self, latent: torch.Tensor, previous: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """latent, previous: (B, C, h, w) clean latent grids; state: (B, width) -> (B, 4) logits."""
-        change = self.change(torch.cat([latent, latent - previous], dim=1))
-        return self.out(torch.cat([change, state], dim=-1))
+        """latent, previous: (B, C, h, w) clean latent grids; state: (B, width) -> (B, 5) logits."""
+        features = torch.cat([self.change(torch.cat([latent, latent - previous], dim=1)), state], dim=-1)
+        return torch.cat([self.out(features), self.life_loss(features)], dim=-1)

@@ -160,12 +160,12 @@ class Trainer:
         self.train_set = ClipDataset(data, t.clip_frames, "train", t.val_fraction)
         self.manifest = self.train_set.manifest
         self.contexts = start_contexts(data, cfg.model.context_frames, t.val_fraction)
-        steps = {k: torch.from_numpy(np.concatenate([ep[k] for ep in self.train_set.episodes]))
-                 for k in ("rewards", "terminated")}
-        self.reward_weight, self.termination_weight = WorldFlowModel.outcome_weights(steps["rewards"], steps["terminated"])
         torch.manual_seed(t.seed)
         self.model = build_model(cfg, self.manifest)
         m = self.model
+        steps = {k: torch.from_numpy(np.concatenate([ep[k] for ep in self.train_set.episodes]))
+                 for k in ("rewards", "terminated", "steps_to_life_loss")}
+        self.outcome_weights = m.outcome_weights(**steps)
         self.ae_opt = torch.optim.AdamW(m.ae.parameters(), lr=t.ae_lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
         self.flow_params = [p for mod in (*m.shallow, m.deep, m.heads) for p in mod.parameters()]
         self.flow_opt = torch.optim.AdamW(self.flow_params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
@@ -230,8 +230,13 @@ class Trainer:
         for group in self.flow_opt.param_groups:
             group["lr"] = lr_at(step, t.flow_steps, t.lr, t.warmup_steps)
         b = self.batch()
-        losses, noisy = self.net("flow", b["frames"], b["actions"], b["rewards"], b["terminated"], self.generator,
-                                 self.reward_weight, self.termination_weight, t.flow_motion_weight)
+        outcomes = {k: b[k] for k in ("rewards", "terminated", "steps_to_life_loss")}
+        if t.train_flow:
+            losses, noisy = self.net("flow", b["frames"], b["actions"], outcomes, self.generator, self.outcome_weights,
+                                     t.flow_motion_weight)
+        else:  # the heads alone, on a fixed flow: no flow gradient, so no denoiser target either
+            losses, noisy = self.net("heads", b["frames"], b["actions"], outcomes, self.generator,
+                                     self.outcome_weights), None
         if not self.all_finite(losses["total"]):
             self.skipped += 1
             return {k: float("nan") for k in losses}
@@ -242,13 +247,14 @@ class Trainer:
             self.flow_opt.step()
         else:  # a spike far above the clip: skip it rather than let it through, clipped or not
             self.skipped += 1
-        den = self.net("denoiser", noisy)
-        self.den_opt.zero_grad(set_to_none=True)
-        den.backward()
-        self.den_opt.step()
         out = {k: v.item() for k, v in losses.items()}
-        out.update(grad_norm=norm.item(), denoiser=den.item(),
-                   bits_per_dim=(out["flow"] + 0.5 * math.log(2 * math.pi)) / math.log(2))
+        out.update(grad_norm=norm.item())
+        if noisy is not None:
+            den = self.net("denoiser", noisy)
+            self.den_opt.zero_grad(set_to_none=True)
+            den.backward()
+            self.den_opt.step()
+            out.update(denoiser=den.item(), bits_per_dim=(out["flow"] + 0.5 * math.log(2 * math.pi)) / math.log(2))
         return out
 
     # ---- checkpoints ----------------------------------------------------------------------------
@@ -279,7 +285,7 @@ class Trainer:
 
     def _write_metrics(self, rows: list[dict]) -> None:
         path = self.out / "metrics.csv"
-        fields = ["step", "stage", "ae_mse", "ae_psnr", "ae_moved_psnr", "flow", "bits_per_dim", "reward", "terminated", "total",
+        fields = ["step", "stage", "ae_mse", "ae_psnr", "ae_moved_psnr", "flow", "bits_per_dim", "reward", "terminated", "life_loss", "total",
                   "denoiser", "grad_norm", "lr"]
         new = not path.exists()
         with open(path, "a", newline="") as f:
@@ -307,7 +313,7 @@ class Trainer:
                     opt = self.ae_opt if stage == "ae" else self.flow_opt
                     self._write_metrics([dict(step=self.step, stage=stage, lr=opt.param_groups[0]["lr"], **metrics)])
                     bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()
-                                     if k in ("ae_psnr", "ae_moved_psnr", "bits_per_dim", "reward", "denoiser")})
+                                     if k in ("ae_psnr", "ae_moved_psnr", "bits_per_dim", "reward", "life_loss", "denoiser")})
                 if lead and self.step % t.checkpoint_every == 0:
                     self.save()
         except KeyboardInterrupt:

@@ -62,6 +62,7 @@ class WorldState:
     last_shallow: torch.Tensor  # (B, shallow_blocks, N, D) each shallow block's input of the last frame: theirs
     last_noisy: torch.Tensor  # (B, C, h, w) last noisy latent grid: the denoiser's context
     last_clean: torch.Tensor  # (B, C, h, w) last clean (denoised) latent grid: the heads' context
+    life_loss_risk: torch.Tensor  # (B,) the life-loss head's probability at the last frame
     guidance: float | None
 
 
@@ -70,6 +71,7 @@ class Step:
     frames: torch.Tensor  # (B, S, S, 3) uint8
     reward: torch.Tensor  # (B,) predicted reward sign in {-1, 0, 1}
     terminated: torch.Tensor  # (B,) predicted probability that the episode ended
+    life_loss_risk: torch.Tensor  # (B,) predicted probability that a life goes within life_loss_horizon steps
     bits_per_dim: torch.Tensor  # (B,) the model's surprise at its own frame (latent bits/dim)
     iterations: int  # Jacobi sweeps of the deep block
 
@@ -188,7 +190,7 @@ class WorldFlowModel(PreTrainedModel):
 
     def score_clip(self, frames: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None):
         """One teacher-forced pass over a real clip: the exact log-density (nats, per clip (B,)) of the
-        sigma-noised latents of `frames` under `actions`, and the heads' logits (B, T-1, 4) for its steps.
+        sigma-noised latents of `frames` under `actions`, and the heads' logits (B, T-1, 5) for its steps.
 
         The flow models latents + N(0, sigma^2) noise; the noise is drawn from `generator` (seed 0 if
         none is given), so the same inputs always score the same.
@@ -252,11 +254,12 @@ class WorldFlowModel(PreTrainedModel):
     def forward(self, stage: str, *inputs):
         """One training stage's loss: the entry DistributedDataParallel wraps in data-parallel training.
 
-        "ae" (frames, motion_weight) -> ae_loss; "flow" (frames, actions, rewards, terminated, generator,
-        reward_weight, termination_weight, motion_weight) -> compute_losses;
-        "denoiser" (noisy) -> denoiser_loss.
+        "ae" (frames, motion_weight) -> ae_loss; "flow" (frames, actions, outcomes, generator, weights,
+        motion_weight) -> compute_losses; "heads" (frames, actions, outcomes, generator, weights) ->
+        head_losses; "denoiser" (noisy) -> denoiser_loss.
         """
-        stages = {"ae": self.ae_loss, "flow": self.compute_losses, "denoiser": self.denoiser_loss}
+        stages = {"ae": self.ae_loss, "flow": self.compute_losses, "heads": self.head_losses,
+                  "denoiser": self.denoiser_loss}
         if stage not in stages:
             raise ValueError(f"stage must be one of {list(stages)}, got {stage!r}")
         return stages[stage](*inputs)
@@ -275,13 +278,13 @@ class WorldFlowModel(PreTrainedModel):
         mse = err.mean()
         return mse + motion_weight * moved_mse, mse.detach(), moved_mse.detach()
 
-    def compute_losses(self, frames, actions, rewards, terminated, generator=None, reward_weight=None,
-                       termination_weight=None, motion_weight: float = 0.0):
+    def compute_losses(self, frames, actions, outcomes: dict, generator=None, weights: dict | None = None,
+                       motion_weight: float = 0.0):
         """One clip batch -> dict of losses, and the noisy latents for the denoiser.
 
-        reward_weight (3,) weighs the reward signs -1/0/+1 and termination_weight (a scalar) the
-        terminated steps against the rest: rewards and endings are rare, and unweighted the heads
-        learn to predict the majority (see `outcome_weights`).
+        outcomes: the clip's steps (B, T-1): rewards, terminated, steps_to_life_loss (data.ClipDataset).
+        weights (from `outcome_weights`) balance the rare reward signs, endings and lost lives against
+        the rest: unweighted, the heads learn to predict the majority.
 
         motion_weight > 0 trains the flow on a weighted likelihood: each token's negative log-density
         counts 1 + motion_weight times if any of its pixels changed since the previous frame (see
@@ -299,9 +302,7 @@ class WorldFlowModel(PreTrainedModel):
         z, logdet, hidden = self.flow_forward(self.to_tokens(noisy), cond, per_token=True)
         nll = 0.5 * z.pow(2).sum(-1) - logdet  # (B, T, N), nats up to a constant
         flow = nll.mean() / z.shape[-1]  # per dimension: 0.5 mean(z^2) - mean(logdet) / dims
-        logits = self.outcome_logits(latents, hidden)  # frame t predicts the step that led to it
-        reward = F.cross_entropy(logits[..., :3].flatten(0, 1), (rewards.sign().long() + 1).flatten(), weight=reward_weight)
-        term = F.binary_cross_entropy_with_logits(logits[..., 3], terminated.float(), pos_weight=termination_weight)
+        heads = self.outcome_losses(self.outcome_logits(latents, hidden), outcomes, weights)
         fitted = flow
         if motion_weight > 0:
             weight = 1 + motion_weight * self.moved_tokens(frames).to(nll)
@@ -309,7 +310,33 @@ class WorldFlowModel(PreTrainedModel):
             (grad,) = torch.autograd.grad(flow, noisy, retain_graph=True)
             noisy = noisy.detach()
             noisy.grad = grad  # outside the graph: the backward below leaves it as it is
-        return dict(flow=flow, reward=reward, terminated=term, total=fitted + reward + term), noisy
+        return dict(flow=flow, **heads, total=fitted + heads["heads"]), noisy
+
+    def head_losses(self, frames, actions, outcomes: dict, generator=None, weights: dict | None = None) -> dict:
+        """The heads' losses alone, the flow run without gradients: to fit the heads of a trained world
+        (train.train_flow false) at the cost of a forward pass. No action dropout: nothing is fitted
+        that guidance would use."""
+        with torch.no_grad():
+            latents = self.frames_to_latents(frames)
+            noisy = add_noise(latents, self.config.noise_sigma, generator)
+            hidden = self.flow_forward(self.to_tokens(noisy), self.frame_conditions(actions))[2]
+        heads = self.outcome_losses(self.outcome_logits(latents, hidden), outcomes, weights)
+        return dict(**heads, total=heads["heads"])
+
+    def outcome_losses(self, logits: torch.Tensor, outcomes: dict, weights: dict | None = None) -> dict:
+        """Heads' logits (B, T-1, 5) against the clip's steps -> reward, terminated, life_loss and their sum."""
+        weights = weights or {}
+        reward = F.cross_entropy(logits[..., :3].flatten(0, 1), (outcomes["rewards"].sign().long() + 1).flatten(),
+                                 weight=weights.get("reward"))
+        term = F.binary_cross_entropy_with_logits(logits[..., 3], outcomes["terminated"].float(),
+                                                  pos_weight=weights.get("terminated"))
+        life = F.binary_cross_entropy_with_logits(logits[..., 4], self.life_loss_ahead(outcomes["steps_to_life_loss"]),
+                                                  pos_weight=weights.get("life_loss"))
+        return dict(reward=reward, terminated=term, life_loss=life, heads=reward + term + life)
+
+    def life_loss_ahead(self, steps_to_life_loss: torch.Tensor) -> torch.Tensor:
+        """The life-loss head's target: 1.0 where a life goes within `life_loss_horizon` steps."""
+        return (steps_to_life_loss < self.config.life_loss_horizon).float()
 
     def moved_tokens(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 clips (B, T, S, S, 3) -> (B, T, N) bool: whether any pixel of each token's patch changed
@@ -319,20 +346,25 @@ class WorldFlowModel(PreTrainedModel):
         moved = F.max_pool2d(moved.flatten(0, 1)[:, None], side).flatten(1).view(*moved.shape[:2], -1) > 0
         return F.pad(moved, (0, 0, 1, 0), value=False)
 
-    @staticmethod
-    def outcome_weights(rewards: torch.Tensor, terminated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Balanced loss weights from a dataset's steps: each reward sign, and ending vs not, counts as
-        much in total as the others (a sign never seen gets the weight of one occurrence)."""
+    def outcome_weights(self, rewards: torch.Tensor, terminated: torch.Tensor, steps_to_life_loss: torch.Tensor) -> dict:
+        """Balanced loss weights from a dataset's steps: each reward sign, ending vs not, and a life lost
+        ahead vs not, counts as much in total as the others (a class never seen gets the weight of one
+        occurrence)."""
         counts = torch.bincount(rewards.sign().long() + 1, minlength=3).float().clamp_min(1)
-        ends = terminated.float().sum().clamp_min(1)
-        return counts.max() / counts, (len(terminated) - ends) / ends
+
+        def positive_weight(flags: torch.Tensor) -> torch.Tensor:
+            positives = flags.float().sum().clamp_min(1)
+            return (len(flags) - positives) / positives
+
+        return dict(reward=counts.max() / counts, terminated=positive_weight(terminated),
+                    life_loss=positive_weight(self.life_loss_ahead(steps_to_life_loss)))
 
     def outcome_logits(self, latents: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """Clean clip latents (B, T, C, h, w) and deep states (B, T, W) -> logits (B, T-1, 4) of the steps
+        """Clean clip latents (B, T, C, h, w) and deep states (B, T, W) -> logits (B, T-1, 5) of the steps
         into frames 1..T-1. The states are detached: the heads' loss never shapes the flow."""
         B, T = latents.shape[:2]
         logits = self.heads(latents[:, 1:].flatten(0, 1), latents[:, :-1].flatten(0, 1), hidden[:, 1:].detach().flatten(0, 1))
-        return logits.view(B, T - 1, 4)
+        return logits.view(B, T - 1, -1)
 
     def denoiser_loss(self, noisy: torch.Tensor) -> torch.Tensor:
         """MSE of D(x~_t, x~_t-1) to sigma * grad NLL, from noisy.grad left by the flow loss's backward."""
@@ -377,9 +409,12 @@ class WorldFlowModel(PreTrainedModel):
         cache = self.deep.transformer.new_cache()
         for t in range(W):
             x, c = self._both_branches(tokens[:, t], cond[:, t], guidance)
-            self.deep.forward_frame(x, cache, c)
+            hidden = self.deep.forward_frame(x, cache, c)[2]
+        # the heads on the last real frame, as training reads them: the risk a dream starts from
+        previous = latents[:, -2] if W > 1 else latents[:, -1]
+        risk = torch.sigmoid(self.heads(latents[:, -1], previous, hidden[:frames.shape[0]])[:, 4])
         return WorldState(cache, tokens[:, -1], torch.stack(shallow_inputs, dim=1), noisy[:, -1], latents[:, -1],
-                          guidance)
+                          risk, guidance)
 
     def _tweedie(self, noisy: torch.Tensor, past: KVCache, cond: torch.Tensor) -> torch.Tensor:
         """Exact reference: x~ + sigma^2 * grad log p(x~_t | past, action), by autograd through the flow."""
@@ -432,9 +467,10 @@ class WorldFlowModel(PreTrainedModel):
         logits = self.heads(clean, state.last_clean, deep.hidden)
         log_p = gaussian_log_prob(z) + logdet
         state.last_solution, state.last_noisy, state.last_clean = deep.x, noisy, clean
+        state.life_loss_risk = torch.sigmoid(logits[:, 4])
         state.last_shallow = torch.stack(shallow_inputs, dim=1)
         state.cache.slide(self.tokens_per_frame + 1)  # the window is always full: drop its oldest frame
         return Step(frames=self.latents_to_frames(clean), reward=logits[:, :3].argmax(-1) - 1,
-                    terminated=torch.sigmoid(logits[:, 3]),
+                    terminated=torch.sigmoid(logits[:, 3]), life_loss_risk=state.life_loss_risk,
                     bits_per_dim=self.to_bits_per_dim(log_p, 1),
                     iterations=deep.iterations)

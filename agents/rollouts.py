@@ -20,22 +20,27 @@ class RolloutWorker:
         self.env = WorldFlowVectorEnv(num_envs=num_envs, checkpoint=checkpoint, max_episode_steps=horizon)
         self.net = ActorCritic(spec).eval()
         self.generator = torch.Generator().manual_seed(seed)
-        obs, _ = self.env.reset(seed=seed)
+        obs, info = self.env.reset(seed=seed)
         self.stack = FrameStack(obs, spec.frame_stack)
+        self.risk = info["life_loss_risk"]  # the world's life-loss risk at each dream's current frame
         self.ended = np.zeros(num_envs, dtype=bool)  # the next step of these rows is an autoreset step
         self.episode_return = np.zeros(num_envs)
 
     @torch.no_grad()
     def rollout(self, weights: dict, steps: int) -> dict:
         """`steps` steps of every dream under the given policy weights -> a trajectory of numpy arrays:
-        stacks (T+1, N, K, S, S, 3) uint8, actions / rewards / terminated / truncated / reset_step (T, N),
-        plus the returns of the episodes that ended and this worker's id."""
+        stacks (T+1, N, K, S, S, 3) uint8, life_loss_risk (T+1, N) at the same frames, actions / rewards /
+        terminated / truncated / reset_step (T, N), plus the returns of the episodes that ended and this
+        worker's id."""
         self.net.load_state_dict(weights)
         stacks, actions, rewards, terminated, truncated, resets, returns = [self.stack.frames.copy()], [], [], [], [], [], []
+        risks = [self.risk]
         for _ in range(steps):
             logits, _ = self.net(torch.from_numpy(self.stack.frames))
             action = torch.multinomial(torch.softmax(logits, -1), 1, generator=self.generator)[:, 0].numpy()
-            obs, reward, term, trunc, _ = self.env.step(action)
+            obs, reward, term, trunc, info = self.env.step(action)
+            self.risk = info["life_loss_risk"]
+            risks.append(self.risk)
             reset_step, self.ended = self.ended, term | trunc  # NEXT_STEP autoreset: a reset step ignores its action
             self.episode_return = np.where(reset_step, 0.0, self.episode_return + reward)
             returns += list(self.episode_return[self.ended])
@@ -45,7 +50,8 @@ class RolloutWorker:
             terminated.append(term)
             truncated.append(trunc)
             resets.append(reset_step)
-        return dict(stacks=np.stack(stacks), actions=np.stack(actions), rewards=np.stack(rewards).astype(np.float32),
+        return dict(stacks=np.stack(stacks), life_loss_risk=np.stack(risks).astype(np.float32),
+                    actions=np.stack(actions), rewards=np.stack(rewards).astype(np.float32),
                     terminated=np.stack(terminated), truncated=np.stack(truncated), reset_step=np.stack(resets),
                     episode_returns=np.array(returns, np.float32), worker_id=self.worker_id)
 

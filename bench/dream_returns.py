@@ -6,8 +6,9 @@ what this shows.
 Plays the same dreams (same start contexts, same noise: one seed) under the uniform random policy,
 under each action held fixed and, in a Breakout world, under the scripted tracker (agents/scripted.py,
 which earns 3x random's rewards in the real game), for as long as an agent's imagined episode
-(AgentConfig.horizon), and reports each policy's mean imagined return and how many dreams paid
-anything. If every policy gets the same rewards in the same dreams, the world's rewards do not depend
+(AgentConfig.horizon), and reports each policy's mean imagined return, how many dreams paid
+anything, and the world's mean life-loss risk over the steps (what the agent's shaping reads: a
+tracker that keeps the ball should be at lower risk than random play). If every policy gets the same rewards in the same dreams, the world's rewards do not depend
 on the actions, and no agent can learn to play from them; if the tracker earns no more than random,
 the world does not reward what the real game rewards. In Breakout it also counts the paid steps whose
 dreamed frame lost a brick (printed for the random policy, every policy's in the JSON): a reward the
@@ -33,20 +34,21 @@ def brick_pixels(frames: np.ndarray) -> np.ndarray:
     return (frames[..., BRICK_ROWS, LEFT_WALL:RIGHT_WALL, :].max(-1) > LIT).sum((-2, -1))
 
 
-def imagined_returns(env: WorldFlowVectorEnv, policy, horizon: int, seed: int) -> tuple[np.ndarray, list]:
+def imagined_returns(env: WorldFlowVectorEnv, policy, horizon: int, seed: int) -> tuple[np.ndarray, list, np.ndarray]:
     """policy(t, frames) -> actions (num_envs,); each dream's summed rewards over `horizon` steps, its first
-    episode only, and for each paid step the brick pixels its frame lost (Breakout: a brick is about 3x2
-    pixels of the 64x64 frame)."""
+    episode only; for each paid step the brick pixels its frame lost (Breakout: a brick is about 3x2
+    pixels of the 64x64 frame); and each dream's life-loss risk (the head's probability) at every step."""
     obs, _ = env.reset(seed=seed)
-    returns, alive, lost = np.zeros(env.num_envs), np.ones(env.num_envs, bool), []
+    returns, alive, lost, risks = np.zeros(env.num_envs), np.ones(env.num_envs, bool), [], []
     for t in range(horizon):
         last = obs
-        obs, rewards, terminated, _, _ = env.step(policy(t, obs))
+        obs, rewards, terminated, _, info = env.step(policy(t, obs))
         paid = (rewards != 0) & alive
         lost += (brick_pixels(last[paid]).astype(int) - brick_pixels(obs[paid])).tolist()
         returns += rewards * alive  # a dream that ended autoresets: its next episode is not counted
+        risks.append(np.where(alive, info["life_loss_risk"], np.nan))
         alive &= ~terminated
-    return returns, lost
+    return returns, lost, np.stack(risks, axis=1)
 
 
 def main():
@@ -69,16 +71,19 @@ def main():
         trackers = [BreakoutTracker(seed=args.seed + i) for i in range(args.dreams)]
         policies["tracker"] = lambda t, obs: np.array([tr(o) for tr, o in zip(trackers, obs)])
     runs = {name: imagined_returns(env, policy, args.horizon, args.seed) for name, policy in policies.items()}
-    returns = {name: r for name, (r, _) in runs.items()}
+    returns = {name: r for name, (r, _, _) in runs.items()}
+    risk = {name: np.nanmean(k, axis=1) for name, (_, _, k) in runs.items()}  # each dream's mean over its steps
     print(f"{args.dreams} dreams of {args.horizon} steps, the same starts and noise for every policy")
-    print(f"{'policy':>8} {'mean return':>12} {'± s.e.':>7} {'dreams paid':>12}")
+    print(f"{'policy':>8} {'mean return':>12} {'± s.e.':>7} {'dreams paid':>12} {'life-loss risk':>15} "
+          f"{'minus random, paired':>21}")
     for name, r in returns.items():
-        stats = summary(r)
-        print(f"{name:>8} {stats['mean']:>12.3f} {stats['stderr']:>7.3f} {int((r != 0).sum()):>7d}/{len(r)}")
+        stats, k, d = summary(r), summary(risk[name]), summary(risk[name] - risk["random"])
+        print(f"{name:>8} {stats['mean']:>12.3f} {stats['stderr']:>7.3f} {int((r != 0).sum()):>7d}/{len(r):<4d} "
+              f"{k['mean']:>15.3f} {d['mean']:>+13.3f} ± {d['stderr']:.3f}")
     table = np.stack(list(returns.values()))  # (policies, dreams)
     differs = int((table != table[0]).any(0).sum())
     print(f"dreams whose return depends on the policy: {differs}/{args.dreams}")
-    lost = {name: px for name, (_, px) in runs.items()} if breakout else None  # did the dream break a brick?
+    lost = {name: px for name, (_, px, _) in runs.items()} if breakout else None  # did the dream break a brick?
     if lost and lost["random"]:
         print(f"random policy's {len(lost['random'])} paid steps: {sum(px >= 2 for px in lost['random'])} lost >= 2 "
               "brick pixels")
@@ -86,6 +91,7 @@ def main():
     write_json_atomic(Path(args.out), dict(checkpoint=args.checkpoint or "default", dreams=args.dreams,
                                            horizon=args.horizon, seed=args.seed,
                                            returns={k: v.tolist() for k, v in returns.items()},
+                                           mean_life_loss_risk={k: v.tolist() for k, v in risk.items()},
                                            dreams_whose_return_depends_on_policy=differs,
                                            paid_steps_brick_pixels_lost=lost))
     print(f"wrote {args.out}")

@@ -16,7 +16,7 @@ from gymnasium.vector.utils import batch_space
 
 from .dreams import check_action, open_world, start_context, torch_generator
 
-ROW_TENSORS = ("last_solution", "last_shallow", "last_noisy", "last_clean")  # WorldState's per-row tensors besides the cache
+ROW_TENSORS = ("last_solution", "last_shallow", "last_noisy", "last_clean", "life_loss_risk")  # WorldState's per-row tensors besides the cache
 
 
 class WorldFlowVectorEnv(gym.vector.VectorEnv):
@@ -66,7 +66,7 @@ class WorldFlowVectorEnv(gym.vector.VectorEnv):
         self._frames = torch.stack([f for _, f in rows]).numpy()
         self._t = np.zeros(self.num_envs, dtype=np.int64)
         self._needs_reset = np.zeros(self.num_envs, dtype=bool)
-        return self._frames.copy(), {}
+        return self._frames.copy(), self._risk_info()
 
     def _replace_row(self, i: int, state) -> None:
         rows = [i, i + self.num_envs] if self.guidance is not None else [i]  # [cond; null] halves
@@ -97,8 +97,13 @@ class WorldFlowVectorEnv(gym.vector.VectorEnv):
         self._needs_reset = terminated | truncated
         self._frames = frames
         infos = {"bits_per_dim": out.bits_per_dim.cpu().numpy(), "_bits_per_dim": np.ones(self.num_envs, bool),
-                 "terminated_prob": out.terminated.cpu().numpy(), "_terminated_prob": np.ones(self.num_envs, bool)}
+                 "terminated_prob": out.terminated.cpu().numpy(), "_terminated_prob": np.ones(self.num_envs, bool),
+                 **self._risk_info()}  # a row reset this step: its new start's risk, as its frame is the new start
         return frames.copy(), rewards, terminated, truncated, infos
+
+    def _risk_info(self) -> dict:
+        return {"life_loss_risk": self._state.life_loss_risk.cpu().numpy().copy(),
+                "_life_loss_risk": np.ones(self.num_envs, bool)}
 
     def render(self):
         return None if self.render_mode is None or self._state is None else tuple(self._frames)

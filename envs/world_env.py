@@ -3,6 +3,9 @@
 State: the deep flow block's KV cache over a sliding window of past frames (constant memory per
 step). step(a): condition on a, Jacobi-sample the next frame's global latents, invert the shallow
 blocks, denoise, decode; the reward and termination heads read the deep block's frame state.
+info["life_loss_risk"] (reset and step) is the life-loss head's probability that a life goes within
+the world's `life_loss_horizon` steps: the game's reward and termination stay the env's own, and an
+agent may shape its training with the risk (agents/train.py).
 """
 
 import gymnasium as gym
@@ -40,7 +43,7 @@ class WorldFlowEnv(gym.Env):
         self._frame, self._t = frames[0, -1].numpy().copy(), 0
         if self.render_mode == "human":
             self.render()
-        return self._frame.copy(), {}
+        return self._frame.copy(), {"life_loss_risk": float(self._state.life_loss_risk[0])}
 
     def step(self, action):
         if self._state is None:
@@ -50,7 +53,7 @@ class WorldFlowEnv(gym.Env):
                                      self.denoiser, self.temperature)
         self._frame, self._t = out.frames[0].cpu().numpy(), self._t + 1
         info = {"bits_per_dim": float(out.bits_per_dim[0]), "jacobi_iterations": out.iterations,
-                "terminated_prob": float(out.terminated[0])}
+                "terminated_prob": float(out.terminated[0]), "life_loss_risk": float(out.life_loss_risk[0])}
         if self.render_mode == "human":
             self.render()
         return (self._frame.copy(), float(out.reward[0]), bool(out.terminated[0] > 0.5),

@@ -39,6 +39,21 @@ def test_lambda_returns_stop_at_termination_and_bootstrap_at_truncation():
     assert torch.allclose(lam0, rewards[:, 0] + g * values[1:, 0])
 
 
+def test_life_loss_shaping_telescopes_and_punishes_rising_risk():
+    from worldflow.agents.train import shaped_rewards
+
+    risk = torch.tensor([[0.1], [0.2], [0.9], [0.4]])  # (T+1, N)
+    rewards, never, g = torch.tensor([[0.0], [1.0], [0.0]]), torch.zeros(3, 1, dtype=torch.bool), 0.9
+    shaped = shaped_rewards(rewards, risk, never, g, penalty=2.0)
+    assert shaped[1, 0] < rewards[1, 0] and shaped[2, 0] > 0  # risk rising costs, falling pays
+    discounts = g ** torch.arange(3.0)[:, None]
+    # Σ γ^t F_t = γ^T Φ(s_T) - Φ(s_0), Φ = -2·risk: the shaping adds no return of its own
+    assert torch.allclose(((shaped - rewards) * discounts).sum(), -2.0 * (g**3 * risk[3] - risk[0]))
+    ended = torch.tensor([[False], [False], [True]])
+    assert torch.allclose(shaped_rewards(rewards, risk, ended, g, 2.0)[2], 2.0 * risk[2])  # terminal Φ = 0
+    assert torch.equal(shaped_rewards(rewards, risk, never, g, 0.0), rewards)
+
+
 def test_agent_trains_in_process_checkpoints_round_trip_and_resume(endless_world, tmp_path):
     out = tmp_path / "agent"
     assert main(["agent", "train", "--checkpoint", str(endless_world), "--workers", "0", "--steps", "64",

@@ -38,12 +38,14 @@ def test_same_seed_and_actions_give_identical_frames(world):
     assert not np.array_equal(other.step(1)[0], runs[0][1])
 
 
-def test_step_info_reports_surprise_and_jacobi_iterations(world):
+def test_step_info_reports_surprise_jacobi_iterations_and_life_loss_risk(world):
     env = gym.make("WorldFlow-v0", checkpoint=str(world), sampler="sequential", denoiser="tweedie")
-    env.reset(seed=0)
+    _, info = env.reset(seed=0)
+    assert 0.0 < info["life_loss_risk"] < 1.0  # the head on the last real context frame
     _, reward, terminated, truncated, info = env.step(1)
     assert reward in (-1.0, 0.0, 1.0) and isinstance(terminated, bool) and not truncated
     assert np.isfinite(info["bits_per_dim"]) and info["jacobi_iterations"] >= 1
+    assert 0.0 < info["life_loss_risk"] < 1.0
 
 
 def test_reset_from_given_real_frames(world):
@@ -61,21 +63,23 @@ def test_vector_env_is_native_and_matches_single_envs_frame_for_frame(endless_wo
     vec = gym.make_vec("WorldFlow-v0", num_envs=3, checkpoint=str(endless_world), max_episode_steps=3)
     assert isinstance(vec, WorldFlowVectorEnv) and vec.metadata["autoreset_mode"] == gym.vector.AutoresetMode.NEXT_STEP
     singles = [gym.make("WorldFlow-v0", checkpoint=str(endless_world), max_episode_steps=3) for _ in range(3)]
-    obs, _ = vec.reset(seed=10)
-    ref = [env.reset(seed=10 + i)[0] for i, env in enumerate(singles)]
-    assert all(np.array_equal(obs[i], ref[i]) for i in range(3))
+    obs, infos = vec.reset(seed=10)
+    ref = [env.reset(seed=10 + i) for i, env in enumerate(singles)]
+    assert all(np.array_equal(obs[i], ref[i][0]) for i in range(3))
+    assert np.allclose(infos["life_loss_risk"], [info["life_loss_risk"] for _, info in ref], atol=1e-5)
     done, resets = np.zeros(3, bool), 0
     for t in range(8):
         actions = np.array([(t + i) % 4 for i in range(3)])
-        obs, rewards, terminated, truncated, _ = vec.step(actions)
+        obs, rewards, terminated, truncated, infos = vec.step(actions)
         for i, env in enumerate(singles):
             if done[i]:  # NEXT_STEP autoreset: this step returned the new episode's first frame
-                expected, r, resets = env.reset()[0], 0.0, resets + 1
+                (expected, info), r, resets = env.reset(), 0.0, resets + 1
             else:
-                expected, r, term, trunc, _ = env.step(int(actions[i]))
+                expected, r, term, trunc, info = env.step(int(actions[i]))
                 assert (term, trunc) == (terminated[i], truncated[i])
             assert np.abs(obs[i].astype(int) - expected.astype(int)).max() <= 1  # batched float rounding
             assert rewards[i] == r
+            assert abs(infos["life_loss_risk"][i] - info["life_loss_risk"]) < 1e-4  # a reset row: its new start's
         done = terminated | truncated
     assert resets == 6  # every sub-env truncated at step 3 and step 6 and was reset the step after
 

@@ -65,10 +65,11 @@ def steps_to_life_loss(lives: np.ndarray) -> np.ndarray:
     lost (0: this step loses one), or NO_LIFE_LOSS. A life goes some steps after the ball does (in
     Breakout 7-10 steps after it leaves the field), so a world's heads learn "a life goes within the
     next K steps", which this gives for any K."""
+    steps = np.arange(len(lives) - 1)
     lost = np.flatnonzero(lives[1:] < lives[:-1])  # steps that lose a life
-    nxt = np.searchsorted(lost, np.arange(len(lives) - 1))  # the first loss at or after each step
-    lost = np.append(lost, NO_LIFE_LOSS + len(lives))
-    return np.minimum(lost[nxt] - np.arange(len(lives) - 1), NO_LIFE_LOSS).astype(np.int64)
+    first = np.searchsorted(lost, steps)  # the first loss at or after each step (len(lost): none)
+    ahead = np.append(lost, len(steps) + NO_LIFE_LOSS)[first] - steps
+    return np.minimum(ahead, NO_LIFE_LOSS).astype(np.int64)
 
 
 def load_episode(path: Path) -> dict:

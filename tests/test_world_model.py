@@ -143,6 +143,15 @@ def test_outcome_weights_make_each_reward_sign_ending_and_lost_life_count_equall
     assert weights["life_loss"].item() == 4.0  # 80 steps with no life lost within the horizon against 20
 
 
+def test_life_loss_target_is_the_window_from_the_delay(model_and_clip, monkeypatch):
+    model = model_and_clip[0]
+    steps = torch.tensor([0, 6, 7, 11, 12, 18, 19, 2**30])  # steps until the next lost life
+    monkeypatch.setattr(model.config, "life_loss_horizon", 12)
+    assert model.life_loss_ahead(steps).tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    monkeypatch.setattr(model.config, "life_loss_delay", 7)  # the empty field after a miss is no longer "at risk"
+    assert model.life_loss_ahead(steps).tolist() == [0, 0, 1, 1, 1, 1, 0, 0]
+
+
 @torch.no_grad()
 def test_autoencoder_motion_loss_weighs_only_the_pixels_that_changed(model_and_clip):
     model, frames, _ = model_and_clip

@@ -32,6 +32,10 @@ class ModelConfig:
     # the life-loss head predicts "a life is lost within this many steps"; in Breakout a life goes
     # 7-10 steps after the ball leaves the field, so 12 reaches back to the paddle's miss itself
     life_loss_horizon: int = 12
+    # ...counted from this many steps ahead: the head predicts a life lost in [delay, delay + horizon)
+    # steps. With the game's delay (Breakout: 7-10 steps), the empty field between a miss and the lost
+    # life falls outside the window, so no action in a dream can lower a risk that is already spent.
+    life_loss_delay: int = 0
 
 
 @dataclass

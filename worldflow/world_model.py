@@ -335,8 +335,10 @@ class WorldFlowModel(PreTrainedModel):
         return dict(reward=reward, terminated=term, life_loss=life, heads=reward + term + life)
 
     def life_loss_ahead(self, steps_to_life_loss: torch.Tensor) -> torch.Tensor:
-        """The life-loss head's target: 1.0 where a life goes within `life_loss_horizon` steps."""
-        return (steps_to_life_loss < self.config.life_loss_horizon).float()
+        """The life-loss head's target: 1.0 where a life goes between `life_loss_delay` and
+        `life_loss_delay + life_loss_horizon` steps ahead."""
+        delay = self.config.life_loss_delay
+        return ((steps_to_life_loss >= delay) & (steps_to_life_loss < delay + self.config.life_loss_horizon)).float()
 
     def moved_tokens(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 clips (B, T, S, S, 3) -> (B, T, N) bool: whether any pixel of each token's patch changed

@@ -8,9 +8,10 @@ under each action held fixed and, in a Breakout world, under the scripted tracke
 which earns 3x random's rewards in the real game), for as long as an agent's imagined episode
 (AgentConfig.horizon), and reports each policy's mean imagined return, how many dreams paid
 anything, and the world's mean life-loss risk over the steps (what the agent's shaping reads: a
-tracker that keeps the ball should be at lower risk than random play). If every policy gets the same rewards in the same dreams, the world's rewards do not depend
-on the actions, and no agent can learn to play from them; if the tracker earns no more than random,
-the world does not reward what the real game rewards. In Breakout it also counts the paid steps whose
+tracker that keeps the ball should be at lower risk than random play, though in Breakout it also
+serves sooner: README, stage 14). If every policy gets the same rewards in the same dreams, the
+world's rewards do not depend on the actions, and no agent can learn to play from them; if the
+tracker earns no more than random, the world does not reward what the real game rewards. In Breakout it also counts the paid steps whose
 dreamed frame lost a brick (printed for the random policy, every policy's in the JSON): a reward the
 frames show, not the reward head's alone.
 """

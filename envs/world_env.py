@@ -4,7 +4,7 @@ State: the deep flow block's KV cache over a sliding window of past frames (cons
 step). step(a): condition on a, Jacobi-sample the next frame's global latents, invert the shallow
 blocks, denoise, decode; the reward and termination heads read the deep block's frame state.
 info["life_loss_risk"] (reset and step) is the life-loss head's probability that a life goes within
-the world's `life_loss_horizon` steps: the game's reward and termination stay the env's own, and an
+the world's window ahead (WorldFlowModel.life_loss_ahead): the game's reward and termination stay the env's own, and an
 agent may shape its training with the risk (agents/train.py).
 """
 

@@ -110,7 +110,7 @@ def heads_and_likelihood(model: WorldFlowModel, data, split: str, windows: int, 
         termination_precision=hits / pred_t.sum().item() if pred_t.any() else None,
         termination_recall=hits / real_t.sum().item() if real_t.any() else None,
         terminations=int(real_t.sum()),
-        # "a life goes within life_loss_horizon steps": precision and recall of the steps where it does
+        # a life lost within the window ahead (life_loss_ahead): precision and recall of the steps where it is
         life_loss_precision=life_hits / pred_l.sum().item() if pred_l.any() else None,
         life_loss_recall=life_hits / real_l.sum().item() if real_l.any() else None,
         life_loss_accuracy=(pred_l == real_l).float().mean().item(), life_loss_steps=int(real_l.sum()))

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 class OutcomeHeads(nn.Module):
     """(latent_t, latent_t-1, deep state_t) -> logits (..., 5): reward sign -1/0/+1, termination, and
-    a life lost within the next `life_loss_horizon` steps (ModelConfig)."""
+    a life lost within the window ahead that WorldFlowModel.life_loss_ahead defines."""
 
     def __init__(self, channels: int, conv_width: int, state_width: int):
         super().__init__()

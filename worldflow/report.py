@@ -73,7 +73,7 @@ def table(result: dict) -> str:
               f"(on {result['nonzero_rewards']} nonzero rewards: {result['reward_sign_accuracy_nonzero']})",
               f"termination precision {result['termination_precision']} recall {result['termination_recall']} "
               f"({result['terminations']} terminations)",
-              f"life lost within the horizon: precision {result['life_loss_precision']} recall "
+              f"life lost within the window ahead: precision {result['life_loss_precision']} recall "
               f"{result['life_loss_recall']} accuracy {result['life_loss_accuracy']:.3f} "
               f"({result['life_loss_steps']} such steps)",
               "nonzero rewards in the dreams' steps: real {real}, dreamed ".format(**result["dream_reward_events"])

@@ -33,6 +33,7 @@ from .pretrained import resolve_world, save_contexts
 from .world_model import WorldFlowConfig, WorldFlowModel
 
 CHECKPOINT = "latest"
+OUTCOMES = ("rewards", "terminated", "steps_to_life_loss")  # what each step tells the heads (ClipDataset)
 START_CONTEXTS = 16
 
 
@@ -164,7 +165,7 @@ class Trainer:
         self.model = build_model(cfg, self.manifest)
         m = self.model
         steps = {k: torch.from_numpy(np.concatenate([ep[k] for ep in self.train_set.episodes]))
-                 for k in ("rewards", "terminated", "steps_to_life_loss")}
+                 for k in OUTCOMES}
         self.outcome_weights = m.outcome_weights(**steps)
         self.ae_opt = torch.optim.AdamW(m.ae.parameters(), lr=t.ae_lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
         self.flow_params = [p for mod in (*m.shallow, m.deep, m.heads) for p in mod.parameters()]
@@ -230,7 +231,7 @@ class Trainer:
         for group in self.flow_opt.param_groups:
             group["lr"] = lr_at(step, t.flow_steps, t.lr, t.warmup_steps)
         b = self.batch()
-        outcomes = {k: b[k] for k in ("rewards", "terminated", "steps_to_life_loss")}
+        outcomes = {k: b[k] for k in OUTCOMES}
         if t.train_flow:
             losses, noisy = self.net("flow", b["frames"], b["actions"], outcomes, self.generator, self.outcome_weights,
                                      t.flow_motion_weight)

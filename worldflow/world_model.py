@@ -71,7 +71,7 @@ class Step:
     frames: torch.Tensor  # (B, S, S, 3) uint8
     reward: torch.Tensor  # (B,) predicted reward sign in {-1, 0, 1}
     terminated: torch.Tensor  # (B,) predicted probability that the episode ended
-    life_loss_risk: torch.Tensor  # (B,) predicted probability that a life goes within life_loss_horizon steps
+    life_loss_risk: torch.Tensor  # (B,) predicted probability of a life lost in the window ahead (life_loss_ahead)
     bits_per_dim: torch.Tensor  # (B,) the model's surprise at its own frame (latent bits/dim)
     iterations: int  # Jacobi sweeps of the deep block
 

@@ -45,19 +45,22 @@ class AgentConfig:
     seed: int = 0
     checkpoint_every: int = 10  # updates
     # potential-based shaping (Ng et al. 1999) with the world's life-loss risk: Φ(s) = -c·risk(s) adds
-    # γΦ(s') - Φ(s) to each imagined reward. Why: within a 15-step dream a missed ball costs nothing the
-    # game's reward shows, and the world's rewards do not depend on the paddle (README, stages 8-12);
-    # the risk does. A potential's shaping leaves the best policy of the game's rewards unchanged, but
-    # an agent also learns the world's errors in the risk: at c = 5 on the default world it ended up
-    # pressing FIRE, which the dream rates safe and the real game does not (README, stage 13). Off by default.
+    # γΦ(s') - Φ(s) to each imagined reward. It moves credit in time and leaves the best policy of the
+    # game's rewards unchanged, which is its flaw here: the dream's rewards do not depend on the paddle
+    # (README, stages 8-12), so it can only speed up learning what those reward, and an agent learned
+    # the world's errors in the risk instead (pressing FIRE, README stage 13). Off by default.
     life_loss_penalty: float = 0.0
+    # a cost per imagined step, c·risk(s') for the state a step reaches: the expected price of a lost
+    # life, which the dream never shows as a reward or an ending. Unlike the potential it does change
+    # the best policy: fewer steps at risk (README, stage 15). Off by default.
+    life_loss_cost: float = 0.0
 
 
-def shaped_rewards(rewards, risk, terminated, gamma: float, penalty: float) -> torch.Tensor:
-    """rewards, terminated (T, N) and the life-loss risk of every state (T+1, N) -> r + γΦ(s') - Φ(s) with
-    Φ = -penalty·risk; a terminal state's potential is 0. Over an episode the shaping telescopes to
-    γ^T·Φ(s_T) - Φ(s_0): it moves credit in time, it adds no return of its own."""
-    return rewards + penalty * (risk[:-1] - gamma * (~terminated) * risk[1:])
+def shaped_rewards(rewards, risk, terminated, gamma: float, penalty: float, cost: float = 0.0) -> torch.Tensor:
+    """rewards, terminated (T, N) and the life-loss risk of every state (T+1, N) -> the imagined rewards
+    with the potential's shaping γΦ(s') - Φ(s), Φ = -penalty·risk (a terminal state's potential is 0;
+    over an episode it telescopes to γ^T·Φ(s_T) - Φ(s_0), no return of its own), minus cost·risk(s')."""
+    return rewards + penalty * (risk[:-1] - gamma * (~terminated) * risk[1:]) - cost * risk[1:]
 
 
 def a2c_loss(net: ActorCritic, batch: dict, cfg: AgentConfig):
@@ -65,7 +68,8 @@ def a2c_loss(net: ActorCritic, batch: dict, cfg: AgentConfig):
     b = {k: torch.tensor(v) for k, v in batch.items() if isinstance(v, np.ndarray)}  # copies: Ray's arrays are read-only
     logits, values = net(b["stacks"])  # (T+1, N, A), (T+1, N)
     risk = b["life_loss_risk"]
-    rewards = shaped_rewards(b["rewards"], risk, b["terminated"], cfg.gamma, cfg.life_loss_penalty)
+    rewards = shaped_rewards(b["rewards"], risk, b["terminated"], cfg.gamma, cfg.life_loss_penalty,
+                             cfg.life_loss_cost)
     returns = lambda_returns(rewards, values.detach(), b["terminated"], b["truncated"], cfg.gamma, cfg.lam)
     mask = (~b["reset_step"]).float()
     dist = torch.distributions.Categorical(logits=logits[:-1])

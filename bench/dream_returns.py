@@ -11,9 +11,11 @@ anything, and the world's mean life-loss risk over the steps (what the agent's s
 tracker that keeps the ball should be at lower risk than random play, though in Breakout it also
 serves sooner: README, stage 14). If every policy gets the same rewards in the same dreams, the
 world's rewards do not depend on the actions, and no agent can learn to play from them; if the
-tracker earns no more than random, the world does not reward what the real game rewards. In Breakout it also counts the paid steps whose
-dreamed frame lost a brick (printed for the random policy, every policy's in the JSON): a reward the
-frames show, not the reward head's alone.
+tracker earns no more than random, the world does not reward what the real game rewards. In Breakout
+it also counts the paid steps whose dreamed frame lost a brick (printed for the random policy, every
+policy's in the JSON): a reward the frames show, not the reward head's alone; and, over every
+policy's dreamed frames, the risk of a falling ball by how far the paddle is from where it will land
+(the paddle rule a shaped agent can learn from the head).
 """
 
 import argparse
@@ -22,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from worldflow.agents.evaluate import summary
-from worldflow.agents.scripted import LEFT_WALL, LIT, RIGHT_WALL, BreakoutTracker
+from worldflow.agents.scripted import (LEFT_WALL, LIT, RIGHT_WALL, BreakoutTracker, ball_position, landing_column,
+                                      paddle_centre)
 from worldflow.collect import write_json_atomic
 from worldflow.envs import WorldFlowVectorEnv
 
@@ -35,12 +38,13 @@ def brick_pixels(frames: np.ndarray) -> np.ndarray:
     return (frames[..., BRICK_ROWS, LEFT_WALL:RIGHT_WALL, :].max(-1) > LIT).sum((-2, -1))
 
 
-def imagined_returns(env: WorldFlowVectorEnv, policy, horizon: int, seed: int) -> tuple[np.ndarray, list, np.ndarray]:
+def imagined_returns(env: WorldFlowVectorEnv, policy, horizon: int, seed: int) -> tuple[np.ndarray, list, np.ndarray, np.ndarray]:
     """policy(t, frames) -> actions (num_envs,); each dream's summed rewards over `horizon` steps, its first
     episode only; for each paid step the brick pixels its frame lost (Breakout: a brick is about 3x2
-    pixels of the 64x64 frame); and each dream's life-loss risk (the head's probability) at every step."""
+    pixels of the 64x64 frame); each dream's life-loss risk (the head's probability) at every step
+    (N, horizon), NaN after its first episode; and its frames (N, horizon + 1, S, S, 3)."""
     obs, _ = env.reset(seed=seed)
-    returns, alive, lost, risks = np.zeros(env.num_envs), np.ones(env.num_envs, bool), [], []
+    returns, alive, lost, risks, frames = np.zeros(env.num_envs), np.ones(env.num_envs, bool), [], [], [obs]
     for t in range(horizon):
         last = obs
         obs, rewards, terminated, _, info = env.step(policy(t, obs))
@@ -48,8 +52,29 @@ def imagined_returns(env: WorldFlowVectorEnv, policy, horizon: int, seed: int) -
         lost += (brick_pixels(last[paid]).astype(int) - brick_pixels(obs[paid])).tolist()
         returns += rewards * alive  # a dream that ended autoresets: its next episode is not counted
         risks.append(np.where(alive, info["life_loss_risk"], np.nan))
+        frames.append(obs)
         alive &= ~terminated
-    return returns, lost, np.stack(risks, axis=1)
+    return returns, lost, np.stack(risks, axis=1), np.stack(frames, axis=1)
+
+
+DISTANCE_BINS = (0, 2, 4, 6, 10, 20, 64)  # columns between the paddle and where the falling ball lands
+
+
+def risk_by_paddle_distance(frames: np.ndarray, risks: np.ndarray) -> list[dict]:
+    """Breakout dreams' frames (N, H+1, 64, 64, 3) and risks (N, H) -> the mean risk of the frames whose
+    ball falls in the lower field (row >= 40), binned by how far the paddle is from the column where
+    the ball will cross its row. A head that knows the rule rates a paddle under the ball safer."""
+    rows = []
+    for dream, risk in zip(frames, risks):
+        for t in range(1, dream.shape[0]):
+            before, ball, paddle = ball_position(dream[t - 1]), ball_position(dream[t]), paddle_centre(dream[t])
+            if np.isnan(risk[t - 1]) or before is None or ball is None or paddle is None:
+                continue
+            if ball[0] > before[0] and ball[0] >= 40:
+                rows.append((abs(landing_column(ball, ball - before) - paddle), risk[t - 1]))
+    distance, risk = np.array(rows).reshape(-1, 2).T
+    return [dict(columns=f"{lo}-{hi}", frames=int(m.sum()), risk=float(risk[m].mean()) if m.any() else None)
+            for lo, hi in zip(DISTANCE_BINS, DISTANCE_BINS[1:]) for m in [(distance >= lo) & (distance < hi)]]
 
 
 def main():
@@ -72,8 +97,8 @@ def main():
         trackers = [BreakoutTracker(seed=args.seed + i) for i in range(args.dreams)]
         policies["tracker"] = lambda t, obs: np.array([tr(o) for tr, o in zip(trackers, obs)])
     runs = {name: imagined_returns(env, policy, args.horizon, args.seed) for name, policy in policies.items()}
-    returns = {name: r for name, (r, _, _) in runs.items()}
-    risk = {name: np.nanmean(k, axis=1) for name, (_, _, k) in runs.items()}  # each dream's mean over its steps
+    returns = {name: r for name, (r, _, _, _) in runs.items()}
+    risk = {name: np.nanmean(k, axis=1) for name, (_, _, k, _) in runs.items()}  # each dream's mean over its steps
     print(f"{args.dreams} dreams of {args.horizon} steps, the same starts and noise for every policy")
     print(f"{'policy':>8} {'mean return':>12} {'± s.e.':>7} {'dreams paid':>12} {'life-loss risk':>15} "
           f"{'minus random, paired':>21}")
@@ -84,17 +109,23 @@ def main():
     table = np.stack(list(returns.values()))  # (policies, dreams)
     differs = int((table != table[0]).any(0).sum())
     print(f"dreams whose return depends on the policy: {differs}/{args.dreams}")
-    lost = {name: px for name, (_, px, _) in runs.items()} if breakout else None  # did the dream break a brick?
+    lost = {name: px for name, (_, px, _, _) in runs.items()} if breakout else None  # did the dream break a brick?
     if lost and lost["random"]:
         print(f"random policy's {len(lost['random'])} paid steps: {sum(px >= 2 for px in lost['random'])} lost >= 2 "
               "brick pixels")
+    geometry = None
+    if breakout:  # every policy's dreams pooled: the head's judgement, whoever moved the paddle
+        geometry = risk_by_paddle_distance(np.concatenate([f for *_, f in runs.values()]),
+                                           np.concatenate([k for _, _, k, _ in runs.values()]))
+        print("risk of a falling ball in the lower field by the paddle's distance from where it lands (columns):")
+        print("  " + " | ".join(f"{g['columns']}: {g['risk']:.2f} ({g['frames']})" for g in geometry if g["frames"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(args.out), dict(checkpoint=args.checkpoint or "default", dreams=args.dreams,
                                            horizon=args.horizon, seed=args.seed,
                                            returns={k: v.tolist() for k, v in returns.items()},
                                            mean_life_loss_risk={k: v.tolist() for k, v in risk.items()},
                                            dreams_whose_return_depends_on_policy=differs,
-                                           paid_steps_brick_pixels_lost=lost))
+                                           paid_steps_brick_pixels_lost=lost, risk_by_paddle_distance=geometry))
     print(f"wrote {args.out}")
 
 

@@ -54,6 +54,17 @@ def test_life_loss_shaping_telescopes_and_punishes_rising_risk():
     assert torch.equal(shaped_rewards(rewards, risk, never, g, 0.0), rewards)
 
 
+def test_life_loss_cost_charges_every_state_reached():
+    from worldflow.agents.train import shaped_rewards
+
+    risk = torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.9, 0.1]])  # two dreams from one state: one stays at risk
+    rewards, never = torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.bool)
+    costed = shaped_rewards(rewards, risk, never, 0.9, penalty=0.0, cost=3.0)
+    assert torch.allclose(costed, -3.0 * risk[1:])
+    # unlike the potential, the cost does not telescope away: the dream kept at risk returns less
+    assert costed[:, 0].sum() < costed[:, 1].sum()
+
+
 def test_agent_trains_in_process_checkpoints_round_trip_and_resume(endless_world, tmp_path):
     out = tmp_path / "agent"
     assert main(["agent", "train", "--checkpoint", str(endless_world), "--workers", "0", "--steps", "64",

@@ -43,9 +43,9 @@ class BreakoutTracker:
         if obs.shape != (64, 64, 3):
             raise ValueError(f"the Breakout tracker reads 64x64 RGB frames, got shape {obs.shape}")
         ball, paddle = ball_position(obs), paddle_centre(obs)
-        velocity = None if ball is None or self.last_ball is None else ball - self.last_ball
+        landing = falling_landing(self.last_ball, ball)
         self.last_ball = ball
-        falling = velocity is not None and velocity[0] > 0
+        falling = landing is not None
         if not falling:
             self.aim_offset = None
         elif self.aim_offset is None:  # a new fall: where this one aims
@@ -57,7 +57,7 @@ class BreakoutTracker:
             return FIRE  # no ball in the field: serve
         if paddle is None:
             return NOOP
-        target = landing_column(ball, velocity) + self.aim_offset if falling else ball[1]
+        target = landing + self.aim_offset if falling else ball[1]
         if target > paddle + 1.5:
             return RIGHT
         if target < paddle - 1.5:
@@ -92,3 +92,11 @@ def landing_column(ball: np.ndarray, velocity: np.ndarray) -> float:
     width = RIGHT_WALL - LEFT_WALL - 1
     col = np.abs(col) % (2 * width)  # reflect off both walls
     return float(LEFT_WALL + (2 * width - col if col > width else col))
+
+
+def falling_landing(before: np.ndarray | None, ball: np.ndarray | None) -> float | None:
+    """The ball's positions in two consecutive frames -> the column where it will meet the paddle's row
+    if it is falling, else None (no ball in either frame, or rising or level)."""
+    if before is None or ball is None or ball[0] <= before[0]:
+        return None
+    return landing_column(ball, ball - before)

@@ -20,11 +20,12 @@ policy's dreamed frames, the risk of a falling ball by how far the paddle is fro
 
 import argparse
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from worldflow.agents.evaluate import summary
-from worldflow.agents.scripted import (LEFT_WALL, LIT, RIGHT_WALL, BreakoutTracker, ball_position, landing_column,
+from worldflow.agents.scripted import (LEFT_WALL, LIT, RIGHT_WALL, BreakoutTracker, ball_position, falling_landing,
                                       paddle_centre)
 from worldflow.collect import write_json_atomic
 from worldflow.envs import WorldFlowVectorEnv
@@ -38,11 +39,16 @@ def brick_pixels(frames: np.ndarray) -> np.ndarray:
     return (frames[..., BRICK_ROWS, LEFT_WALL:RIGHT_WALL, :].max(-1) > LIT).sum((-2, -1))
 
 
-def imagined_returns(env: WorldFlowVectorEnv, policy, horizon: int, seed: int) -> tuple[np.ndarray, list, np.ndarray, np.ndarray]:
-    """policy(t, frames) -> actions (num_envs,); each dream's summed rewards over `horizon` steps, its first
-    episode only; for each paid step the brick pixels its frame lost (Breakout: a brick is about 3x2
-    pixels of the 64x64 frame); each dream's life-loss risk (the head's probability) at every step
-    (N, horizon), NaN after its first episode; and its frames (N, horizon + 1, S, S, 3)."""
+class Imagined(NamedTuple):
+    """One policy's dreams, each counted over its first episode only."""
+    returns: np.ndarray  # (N,) summed rewards
+    lost: list  # for each paid step, the brick pixels its frame lost (a Breakout brick is about 3x2 pixels)
+    risks: np.ndarray  # (N, horizon) the life-loss head's probability at every step, NaN after the episode
+    frames: np.ndarray  # (N, horizon + 1, S, S, 3)
+
+
+def imagined_returns(env: WorldFlowVectorEnv, policy, horizon: int, seed: int) -> Imagined:
+    """policy(t, frames) -> actions (num_envs,), played for `horizon` steps from the env's seeded reset."""
     obs, _ = env.reset(seed=seed)
     returns, alive, lost, risks, frames = np.zeros(env.num_envs), np.ones(env.num_envs, bool), [], [], [obs]
     for t in range(horizon):
@@ -54,7 +60,7 @@ def imagined_returns(env: WorldFlowVectorEnv, policy, horizon: int, seed: int) -
         risks.append(np.where(alive, info["life_loss_risk"], np.nan))
         frames.append(obs)
         alive &= ~terminated
-    return returns, lost, np.stack(risks, axis=1), np.stack(frames, axis=1)
+    return Imagined(returns, lost, np.stack(risks, axis=1), np.stack(frames, axis=1))
 
 
 DISTANCE_BINS = (0, 2, 4, 6, 10, 20, 64)  # columns between the paddle and where the falling ball lands
@@ -67,11 +73,10 @@ def risk_by_paddle_distance(frames: np.ndarray, risks: np.ndarray) -> list[dict]
     rows = []
     for dream, risk in zip(frames, risks):
         for t in range(1, dream.shape[0]):
-            before, ball, paddle = ball_position(dream[t - 1]), ball_position(dream[t]), paddle_centre(dream[t])
-            if np.isnan(risk[t - 1]) or before is None or ball is None or paddle is None:
-                continue
-            if ball[0] > before[0] and ball[0] >= 40:
-                rows.append((abs(landing_column(ball, ball - before) - paddle), risk[t - 1]))
+            ball, paddle = ball_position(dream[t]), paddle_centre(dream[t])
+            landing = falling_landing(ball_position(dream[t - 1]), ball)
+            if landing is not None and paddle is not None and ball[0] >= 40 and not np.isnan(risk[t - 1]):
+                rows.append((abs(landing - paddle), risk[t - 1]))
     distance, risk = np.array(rows).reshape(-1, 2).T
     return [dict(columns=f"{lo}-{hi}", frames=int(m.sum()), risk=float(risk[m].mean()) if m.any() else None)
             for lo, hi in zip(DISTANCE_BINS, DISTANCE_BINS[1:]) for m in [(distance >= lo) & (distance < hi)]]
@@ -97,8 +102,8 @@ def main():
         trackers = [BreakoutTracker(seed=args.seed + i) for i in range(args.dreams)]
         policies["tracker"] = lambda t, obs: np.array([tr(o) for tr, o in zip(trackers, obs)])
     runs = {name: imagined_returns(env, policy, args.horizon, args.seed) for name, policy in policies.items()}
-    returns = {name: r for name, (r, _, _, _) in runs.items()}
-    risk = {name: np.nanmean(k, axis=1) for name, (_, _, k, _) in runs.items()}  # each dream's mean over its steps
+    returns = {name: run.returns for name, run in runs.items()}
+    risk = {name: np.nanmean(run.risks, axis=1) for name, run in runs.items()}  # each dream's mean over its steps
     print(f"{args.dreams} dreams of {args.horizon} steps, the same starts and noise for every policy")
     print(f"{'policy':>8} {'mean return':>12} {'± s.e.':>7} {'dreams paid':>12} {'life-loss risk':>15} "
           f"{'minus random, paired':>21}")
@@ -109,14 +114,14 @@ def main():
     table = np.stack(list(returns.values()))  # (policies, dreams)
     differs = int((table != table[0]).any(0).sum())
     print(f"dreams whose return depends on the policy: {differs}/{args.dreams}")
-    lost = {name: px for name, (_, px, _, _) in runs.items()} if breakout else None  # did the dream break a brick?
+    lost = {name: run.lost for name, run in runs.items()} if breakout else None  # did the dream break a brick?
     if lost and lost["random"]:
         print(f"random policy's {len(lost['random'])} paid steps: {sum(px >= 2 for px in lost['random'])} lost >= 2 "
               "brick pixels")
     geometry = None
     if breakout:  # every policy's dreams pooled: the head's judgement, whoever moved the paddle
-        geometry = risk_by_paddle_distance(np.concatenate([f for *_, f in runs.values()]),
-                                           np.concatenate([k for _, _, k, _ in runs.values()]))
+        geometry = risk_by_paddle_distance(np.concatenate([run.frames for run in runs.values()]),
+                                           np.concatenate([run.risks for run in runs.values()]))
         print("risk of a falling ball in the lower field by the paddle's distance from where it lands (columns):")
         print("  " + " | ".join(f"{g['columns']}: {g['risk']:.2f} ({g['frames']})" for g in geometry if g["frames"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

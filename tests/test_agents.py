@@ -12,7 +12,7 @@ from worldflow.agents import ActorCritic, AgentConfig, AgentPolicy, AgentSpec, l
 from worldflow.agents.actor_critic import lambda_returns
 from worldflow.agents.evaluate import evaluate_agent
 from worldflow.agents.rollouts import RolloutPool
-from worldflow.agents.scripted import FIRE, LEFT, NOOP, RIGHT, BreakoutTracker, landing_column
+from worldflow.agents.scripted import FIRE, LEFT, NOOP, RIGHT, BreakoutTracker, falling_landing, landing_column
 from worldflow.cli import main
 from worldflow.collect import shard_paths
 
@@ -153,6 +153,9 @@ def test_tracker_moves_the_paddle_under_the_falling_ball():
     frame[35, 20], frame[40, 25] = 0, 200  # falling 5 rows and drifting 5 columns a step: lands at 42
     assert tracker(frame) == NOOP
     assert landing_column(np.array([40.0, 50.0]), np.array([4.0, 4.0])) == pytest.approx(51.0)  # off the right wall
+    assert falling_landing(np.array([35.0, 20.0]), np.array([40.0, 25.0])) == pytest.approx(42.0)
+    assert falling_landing(np.array([40.0, 25.0]), np.array([35.0, 30.0])) is None  # rising
+    assert falling_landing(None, np.array([40.0, 25.0])) is None  # first sight
 
 
 def test_offset_tracker_aims_one_drawn_offset_off_each_fall(tmp_path):

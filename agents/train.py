@@ -97,6 +97,13 @@ def train_agent(cfg: AgentConfig, out, checkpoint=None, workers: int = 0, ray_ad
     per_update = cfg.rollout_steps * cfg.envs_per_worker * max(workers, 1)
     updates, update = max(1, cfg.steps // per_update), 0
     if has_checkpoint(out):
+        # a resumed run may go on for more steps, but changing any other hyperparameter would make one
+        # run out of two different recipes that agent.json could not tell apart
+        saved = json.loads((out / "agent.json").read_text())["config"]
+        changed = [f"{k}: {saved[k]} -> {v}" for k, v in asdict(cfg).items() if k != "steps" and saved.get(k) != v]
+        if changed:
+            raise ValueError(f"{out} was trained with other hyperparameters ({', '.join(changed)}); "
+                             "resume it with the same ones, or train into a new --out")
         ckpt = checkpoint_dir_to_resume(out)
         net.load_state_dict(load_file(ckpt / "model.safetensors"))
         load_optimizer("agent", opt, load_file(ckpt / "optimizer.safetensors"))

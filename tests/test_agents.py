@@ -65,10 +65,11 @@ def test_life_loss_cost_charges_every_state_reached():
     assert costed[:, 0].sum() < costed[:, 1].sum()
 
 
-def test_agent_trains_in_process_checkpoints_round_trip_and_resume(endless_world, tmp_path):
+def test_agent_trains_in_process_checkpoints_round_trip_and_resume(endless_world, tmp_path, capsys):
     out = tmp_path / "agent"
     assert main(["agent", "train", "--checkpoint", str(endless_world), "--workers", "0", "--steps", "64",
-                 "--envs", "2", "--horizon", "5", "--out", str(out)]) == 0
+                 "--envs", "2", "--horizon", "5", "--entropy", "0.01", "--out", str(out)]) == 0
+    assert json.loads((out / "agent.json").read_text())["config"]["entropy"] == 0.01
     rows = _rows(out)
     assert [r["update"] for r in rows] == ["1", "2"] and all(r["workers_heard"] == "0" for r in rows)
     assert int(rows[-1]["episodes"]) > 0  # horizon-5 episodes ended and were counted
@@ -80,9 +81,14 @@ def test_agent_trains_in_process_checkpoints_round_trip_and_resume(endless_world
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
     # more steps: the run resumes at update 2 and logs updates 3 and 4 once each
     assert main(["agent", "train", "--checkpoint", str(endless_world), "--workers", "0", "--steps", "128",
-                 "--envs", "2", "--horizon", "5", "--out", str(out)]) == 0
+                 "--envs", "2", "--horizon", "5", "--out", str(out)]) == 2  # another entropy bonus: refused
+    assert "entropy: 0.01 -> 0.001" in capsys.readouterr().err
+    assert main(["agent", "train", "--checkpoint", str(endless_world), "--workers", "0", "--steps", "128",
+                 "--envs", "2", "--horizon", "5", "--entropy", "0.01", "--out", str(out)]) == 0
     assert [r["update"] for r in _rows(out)] == ["1", "2", "3", "4"]
     assert json.loads((out / "latest" / "trainer.json").read_text())["update"] == 4
+    assert main(["agent", "train", "--steps", "64", "--entropy", "-1", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
 
 
 def test_two_ray_workers_feed_the_learner_and_a_killed_worker_is_replaced(endless_world, tmp_path, ray_local):

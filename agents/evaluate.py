@@ -8,9 +8,10 @@ from .actor_critic import AgentPolicy
 
 
 def play_real(policy, env_id: str, episodes: int, seed: int, frame_size: int = 64, max_steps: int = 10_000,
-              on_episode=None) -> list[float]:
+              on_episode=None, action_counts: np.ndarray | None = None) -> list[float]:
     """Episode returns of `policy` (obs -> action, optional reset()) in the real env, frames preprocessed
-    exactly as the world's training data was (area-resized RGB)."""
+    exactly as the world's training data was (area-resized RGB); each action taken is added to
+    `action_counts` if given."""
     env = make_env(env_id)
     returns = []
     try:
@@ -20,7 +21,10 @@ def play_real(policy, env_id: str, episodes: int, seed: int, frame_size: int = 6
                 policy.reset()
             total = 0.0
             for _ in range(max_steps):
-                obs, reward, terminated, truncated, _ = env.step(policy(resize_frames(obs, frame_size)))
+                action = policy(resize_frames(obs, frame_size))
+                if action_counts is not None:
+                    action_counts[action] += 1
+                obs, reward, terminated, truncated, _ = env.step(action)
                 total += reward
                 if terminated or truncated:
                     break
@@ -46,7 +50,8 @@ def random_policy(num_actions: int, seed: int | None):
 
 def evaluate_agent(agent_dir, env_id: str | None = None, episodes: int = 20, seed: int = 0,
                    max_steps: int = 10_000, progress: bool = True) -> dict:
-    """The agent and a uniform random policy on the same seeded episodes of the real game."""
+    """The agent and a uniform random policy on the same seeded episodes of the real game, with the
+    fraction of steps each took each action (what an agent learned shows there first)."""
     from tqdm import tqdm
 
     agent = AgentPolicy(agent_dir, seed)
@@ -57,12 +62,15 @@ def evaluate_agent(agent_dir, env_id: str | None = None, episodes: int = 20, see
     probe = make_env(env_id)
     if probe.action_space.n != n:
         raise ValueError(f"{env_id} has {probe.action_space.n} actions; agent {agent_dir} was trained for {n}")
+    names = getattr(probe.unwrapped, "get_action_meanings", lambda: [str(a) for a in range(n)])()  # ALE's names
     probe.close()
     result = dict(env_id=env_id)
     for name, policy in (("agent", agent), ("random", random_policy(n, seed))):
+        counts = np.zeros(n, np.int64)
         with tqdm(total=episodes, desc=f"{name} in {env_id}", unit="episode", disable=not progress) as bar:
             result[name] = summary(play_real(policy, env_id, episodes, seed, agent.net.spec.frame_size, max_steps,
-                                             on_episode=lambda _: bar.update(1)))
+                                             on_episode=lambda _: bar.update(1), action_counts=counts))
+        result[name]["action_fractions"] = dict(zip(names, (counts / counts.sum()).round(4).tolist()))
     a, r = result["agent"], result["random"]
     result["beats_random"] = bool(a["mean"] - r["mean"] > a["stderr"] + r["stderr"])
     return result

@@ -117,6 +117,8 @@ def test_agent_eval_plays_the_real_game_beside_random(tmp_path, capsys):
     result = evaluate_agent(tmp_path / "a", episodes=2, max_steps=60, progress=False)
     for name in ("agent", "random"):
         assert result[name]["episodes"] == 2 and np.isfinite(result[name]["mean"])
+        fractions = result[name]["action_fractions"]
+        assert list(fractions) == ["NOOP", "FIRE", "RIGHT", "LEFT"] and sum(fractions.values()) == pytest.approx(1)
     assert main(["agent", "eval", "--agent", str(tmp_path / "a"), "--episodes", "2", "--max-steps", "30"]) == 0
     assert "random in ALE/Breakout-v5" in capsys.readouterr().out
     assert main(["agent", "eval", "--agent", str(tmp_path / "a"), "--env", "ALE/Pong-v5", "--episodes", "1"]) == 2

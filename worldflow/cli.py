@@ -167,7 +167,9 @@ def run_agent_eval(args) -> None:
     result = evaluate_agent(args.agent, args.env, args.episodes, args.seed, args.max_steps)
     for name in ("agent", "random"):
         r = result[name]
-        print(f"{name:>6} in {result['env_id']}: {r['mean']:.2f} ± {r['stderr']:.2f} over {r['episodes']} episodes")
+        actions = " ".join(f"{a} {f:.0%}" for a, f in r["action_fractions"].items())
+        print(f"{name:>6} in {result['env_id']}: {r['mean']:.2f} ± {r['stderr']:.2f} over {r['episodes']} episodes "
+              f"(actions: {actions})")
     print(json.dumps(result))
 
 

@@ -51,6 +51,12 @@ class ActorCritic(nn.Module):
         h = self.torso(self.encoder(x))
         return self.policy(h).reshape(*lead, -1), self.value(h).reshape(lead)
 
+    @torch.no_grad()
+    def act(self, stacks: np.ndarray, generator: torch.Generator) -> np.ndarray:
+        """uint8 frame stacks (N, K, S, S, 3) -> actions (N,) sampled from the policy."""
+        logits, _ = self(torch.from_numpy(stacks))
+        return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0].numpy()
+
 
 def lambda_returns(rewards, values, terminated, truncated, gamma: float, lam: float) -> torch.Tensor:
     """λ-returns (T, N) from rewards, terminated, truncated (T, N) and values (T+1, N).
@@ -114,12 +120,10 @@ class AgentPolicy:
     def reset(self) -> None:
         self.stack = None
 
-    @torch.no_grad()
     def __call__(self, obs: np.ndarray) -> int:
         obs = np.asarray(obs)[None]
         if self.stack is None:
             self.stack = FrameStack(obs, self.net.spec.frame_stack)
         else:
             self.stack.push(obs)
-        logits, _ = self.net(torch.from_numpy(self.stack.frames))
-        return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=self.generator)[0, 0])
+        return int(self.net.act(self.stack.frames, self.generator)[0])

@@ -36,8 +36,7 @@ class RolloutWorker:
         stacks, actions, rewards, terminated, truncated, resets, returns = [self.stack.frames.copy()], [], [], [], [], [], []
         risks = [self.risk]
         for _ in range(steps):
-            logits, _ = self.net(torch.from_numpy(self.stack.frames))
-            action = torch.multinomial(torch.softmax(logits, -1), 1, generator=self.generator)[:, 0].numpy()
+            action = self.net.act(self.stack.frames, self.generator)
             obs, reward, term, trunc, info = self.env.step(action)
             self.risk = info["life_loss_risk"]
             risks.append(self.risk)

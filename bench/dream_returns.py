@@ -1,7 +1,7 @@
 """Do a world's imagined rewards depend on the actions? An agent trained in the dream can only learn
 what this shows.
 
-    python bench/dream_returns.py [--checkpoint RUN_OR_CKPT] [--dreams 32] [--horizon 15]
+    python bench/dream_returns.py [--checkpoint RUN_OR_CKPT] [--dreams 32] [--horizon 15] [--agent DIR ...]
 
 Plays the same dreams (same start contexts, same noise: one seed) under the uniform random policy,
 under each action held fixed and, in a Breakout world, under the scripted tracker (agents/scripted.py,
@@ -13,9 +13,11 @@ serves sooner: README, stage 14). If every policy gets the same rewards in the s
 world's rewards do not depend on the actions, and no agent can learn to play from them; if the
 tracker earns no more than random, the world does not reward what the real game rewards. In Breakout
 it also counts the paid steps whose dreamed frame lost a brick (printed for the random policy, every
-policy's in the JSON): a reward the frames show, not the reward head's alone; and, over every
-policy's dreamed frames, the risk of a falling ball by how far the paddle is from where it will land
-(the paddle rule a shaped agent can learn from the head).
+policy's in the JSON): a reward the frames show, not the reward head's alone; and, over the fixed
+policies' dreamed frames, the risk of a falling ball by how far the paddle is from where it will land
+(the paddle rule a shaped agent can learn from the head). With --agent, trained agents play the same
+dreams too: whether an agent found the dream's safer play tells an agent that cannot learn from a
+dream that teaches the wrong thing.
 """
 
 import argparse
@@ -24,6 +26,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+import torch
+
+from worldflow.agents.actor_critic import FrameStack, load_agent
 from worldflow.agents.evaluate import summary
 from worldflow.agents.scripted import (LEFT_WALL, LIT, RIGHT_WALL, BreakoutTracker, ball_position, falling_landing,
                                       paddle_centre)
@@ -63,6 +68,21 @@ def imagined_returns(env: WorldFlowVectorEnv, policy, horizon: int, seed: int) -
     return Imagined(returns, lost, np.stack(risks, axis=1), np.stack(frames, axis=1))
 
 
+def agent_policy(path, seed: int):
+    """A trained agent (`worldflow agent train`) as policy(t, frames) -> actions, one frame stack per dream."""
+    net, generator, stack = load_agent(path), torch.Generator().manual_seed(seed), None
+
+    def act(t, obs):
+        nonlocal stack
+        if t == 0:
+            stack = FrameStack(obs, net.spec.frame_stack)
+        else:
+            stack.push(obs)
+        return net.act(stack.frames, generator)
+
+    return act
+
+
 DISTANCE_BINS = (0, 2, 4, 6, 10, 20, 64)  # columns between the paddle and where the falling ball lands
 
 
@@ -88,6 +108,8 @@ def main():
     parser.add_argument("--dreams", type=int, default=32)
     parser.add_argument("--horizon", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--agent", action="append", default=[], metavar="DIR",
+                        help="also play a trained agent (repeatable): does it find the dream's safer play?")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "dream_returns.json"))
     args = parser.parse_args()
 
@@ -101,6 +123,8 @@ def main():
     if breakout:  # one tracker per dream: it remembers where its ball was
         trackers = [BreakoutTracker(seed=args.seed + i) for i in range(args.dreams)]
         policies["tracker"] = lambda t, obs: np.array([tr(o) for tr, o in zip(trackers, obs)])
+    agents = {Path(a).name: agent_policy(a, args.seed) for a in args.agent}
+    policies.update(agents)
     runs = {name: imagined_returns(env, policy, args.horizon, args.seed) for name, policy in policies.items()}
     returns = {name: run.returns for name, run in runs.items()}
     risk = {name: np.nanmean(run.risks, axis=1) for name, run in runs.items()}  # each dream's mean over its steps
@@ -119,9 +143,10 @@ def main():
         print(f"random policy's {len(lost['random'])} paid steps: {sum(px >= 2 for px in lost['random'])} lost >= 2 "
               "brick pixels")
     geometry = None
-    if breakout:  # every policy's dreams pooled: the head's judgement, whoever moved the paddle
-        geometry = risk_by_paddle_distance(np.concatenate([run.frames for run in runs.values()]),
-                                           np.concatenate([run.risks for run in runs.values()]))
+    if breakout:  # the fixed policies' dreams pooled: the head's judgement, whoever moved the paddle
+        fixed = [run for name, run in runs.items() if name not in agents]
+        geometry = risk_by_paddle_distance(np.concatenate([run.frames for run in fixed]),
+                                           np.concatenate([run.risks for run in fixed]))
         print("risk of a falling ball in the lower field by the paddle's distance from where it lands (columns):")
         print("  " + " | ".join(f"{g['columns']}: {g['risk']:.2f} ({g['frames']})" for g in geometry if g["frames"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -88,6 +88,7 @@ def test_agent_trains_in_process_checkpoints_round_trip_and_resume(endless_world
     assert [r["update"] for r in _rows(out)] == ["1", "2", "3", "4"]
     assert json.loads((out / "latest" / "trainer.json").read_text())["update"] == 4
     assert main(["agent", "train", "--steps", "64", "--entropy", "-1", "--out", str(tmp_path / "bad")]) == 2
+    assert main(["agent", "train", "--steps", "64", "--lr", "0", "--out", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()
 
 

@@ -151,9 +151,11 @@ def run_agent_train(args) -> None:
     if args.workers < 0:
         raise ValueError(f"--workers must be 0 (in this process) or more, got {args.workers}")
     chosen = {k: v for k, v in dict(life_loss_penalty=args.life_loss_penalty, life_loss_cost=args.life_loss_cost,
-                                    entropy=args.entropy).items() if v is not None}
+                                    entropy=args.entropy, lr=args.lr).items() if v is not None}
     if chosen.get("entropy", 0.0) < 0:
         raise ValueError(f"--entropy is a bonus weight >= 0, got {args.entropy}")
+    if chosen.get("lr", 1.0) <= 0:
+        raise ValueError(f"--lr is a learning rate > 0, got {args.lr}")
     cfg = AgentConfig(steps=args.steps, envs_per_worker=args.envs, horizon=args.horizon, seed=args.seed, **chosen)
     path = train_agent(cfg, args.out, args.checkpoint, args.workers, args.ray_address)
     print(f"agent: {path}")
@@ -260,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cost per imagined step of the world's life-loss risk (default: AgentConfig's; 0: none)")
     p.add_argument("--entropy", type=float, default=None,
                    help="weight of the policy's entropy bonus (default: AgentConfig's, 0.001 as DIAMOND's)")
+    p.add_argument("--lr", type=float, default=None, help="Adam's learning rate (default: AgentConfig's, 3e-4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="agent run directory")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster")

@@ -99,8 +99,13 @@ def train_agent(cfg: AgentConfig, out, checkpoint=None, workers: int = 0, ray_ad
     if has_checkpoint(out):
         # a resumed run may go on for more steps, but changing any other hyperparameter would make one
         # run out of two different recipes that agent.json could not tell apart
-        saved = json.loads((out / "agent.json").read_text())["config"]
-        changed = [f"{k}: {saved[k]} -> {v}" for k, v in asdict(cfg).items() if k != "steps" and saved.get(k) != v]
+        # (a field agent.json predates had its default then)
+        try:
+            saved = {**asdict(AgentConfig()), **json.loads((out / "agent.json").read_text())["config"]}
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{out} holds an agent checkpoint but no readable agent.json ({e}): "
+                             "train into a new --out") from None
+        changed = [f"{k}: {saved[k]} -> {v}" for k, v in asdict(cfg).items() if k != "steps" and saved[k] != v]
         if changed:
             raise ValueError(f"{out} was trained with other hyperparameters ({', '.join(changed)}); "
                              "resume it with the same ones, or train into a new --out")

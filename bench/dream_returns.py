@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-
 import torch
 
 from worldflow.agents.actor_critic import FrameStack, load_agent

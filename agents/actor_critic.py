@@ -121,9 +121,12 @@ class AgentPolicy:
         self.stack = None
 
     def __call__(self, obs: np.ndarray) -> int:
-        obs = np.asarray(obs)[None]
+        return int(self.act_batch(np.asarray(obs)[None])[0])
+
+    def act_batch(self, obs: np.ndarray) -> np.ndarray:
+        """N streams at once (N, S, S, 3) -> actions (N,); the first call after reset() starts their stacks."""
         if self.stack is None:
             self.stack = FrameStack(obs, self.net.spec.frame_stack)
         else:
             self.stack.push(obs)
-        return int(self.net.act(self.stack.frames, self.generator)[0])
+        return self.net.act(self.stack.frames, self.generator)

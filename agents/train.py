@@ -55,6 +55,12 @@ class AgentConfig:
     # the best policy: fewer steps at risk (README, stage 15). Off by default.
     life_loss_cost: float = 0.0
 
+    def __post_init__(self):  # here, not in the CLI, so a config built in Python is checked as well
+        if self.entropy < 0:
+            raise ValueError(f"entropy (--entropy) is a bonus weight >= 0, got {self.entropy}")
+        if self.lr <= 0:
+            raise ValueError(f"lr (--lr) is a learning rate > 0, got {self.lr}")
+
 
 def shaped_rewards(rewards, risk, terminated, gamma: float, penalty: float, cost: float = 0.0) -> torch.Tensor:
     """rewards, terminated (T, N) and the life-loss risk of every state (T+1, N) -> the imagined rewards

@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
-from worldflow.agents.actor_critic import FrameStack, load_agent
+from worldflow.agents.actor_critic import AgentPolicy
 from worldflow.agents.evaluate import summary
 from worldflow.agents.scripted import (LEFT_WALL, LIT, RIGHT_WALL, BreakoutTracker, ball_position, falling_landing,
                                       paddle_centre)
@@ -69,15 +68,12 @@ def imagined_returns(env: WorldFlowVectorEnv, policy, horizon: int, seed: int) -
 
 def agent_policy(path, seed: int):
     """A trained agent (`worldflow agent train`) as policy(t, frames) -> actions, one frame stack per dream."""
-    net, generator, stack = load_agent(path), torch.Generator().manual_seed(seed), None
+    agent = AgentPolicy(path, seed)
 
     def act(t, obs):
-        nonlocal stack
         if t == 0:
-            stack = FrameStack(obs, net.spec.frame_stack)
-        else:
-            stack.push(obs)
-        return net.act(stack.frames, generator)
+            agent.reset()
+        return agent.act_batch(obs)
 
     return act
 

@@ -152,10 +152,6 @@ def run_agent_train(args) -> None:
         raise ValueError(f"--workers must be 0 (in this process) or more, got {args.workers}")
     chosen = {k: v for k, v in dict(life_loss_penalty=args.life_loss_penalty, life_loss_cost=args.life_loss_cost,
                                     entropy=args.entropy, lr=args.lr).items() if v is not None}
-    if chosen.get("entropy", 0.0) < 0:
-        raise ValueError(f"--entropy is a bonus weight >= 0, got {args.entropy}")
-    if chosen.get("lr", 1.0) <= 0:
-        raise ValueError(f"--lr is a learning rate > 0, got {args.lr}")
     cfg = AgentConfig(steps=args.steps, envs_per_worker=args.envs, horizon=args.horizon, seed=args.seed, **chosen)
     path = train_agent(cfg, args.out, args.checkpoint, args.workers, args.ray_address)
     print(f"agent: {path}")

@@ -18,7 +18,7 @@ class ResBlock(nn.Module):
 
 
 class Autoencoder(nn.Module):
-    def __init__(self, latent_channels: int, downsample: int, width: int):
+    def __init__(self, latent_channels: int, downsample: int, width: int, subpixel: bool = False):
         super().__init__()
         n = int(math.log2(downsample))
         if 2**n != downsample:
@@ -33,8 +33,12 @@ class Autoencoder(nn.Module):
         dec = [nn.Conv2d(latent_channels, width, 3, padding=1), ResBlock(width)]
         for _ in range(n - 1):
             dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, width, 3, padding=1), ResBlock(width)]
-        dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, half, 3, padding=1),
-                nn.GroupNorm(8, half), nn.SiLU(), nn.Conv2d(half, 3, 3, padding=1)]
+        if subpixel:  # the last 2x as a sub-pixel convolution: each 2x2 output block from its 32x32
+            # feature, no convolution at full resolution (a batch of 64 at width 32: 83 -> 44 ms)
+            dec += [nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, 3 * 4, 3, padding=1), nn.PixelShuffle(2)]
+        else:
+            dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, half, 3, padding=1),
+                    nn.GroupNorm(8, half), nn.SiLU(), nn.Conv2d(half, 3, 3, padding=1)]
         self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
 
     # Both run in channels_last: on CPU oneDNN's convolutions are faster in that layout, and the

@@ -17,6 +17,7 @@ class ModelConfig:
     latent_channels: int = 8
     ae_downsample: int = 8
     ae_width: int = 64
+    ae_subpixel: bool = False  # decoder's last upsampling by PixelShuffle: cheaper, for fast worlds
     patch: int = 1  # latent patch side per token: tokens per frame = (S / ae_downsample / patch)^2
     # flow: shallow per-frame blocks, then one deep block causal over the clip
     width: int = 128

@@ -89,7 +89,7 @@ class WorldFlowModel(PreTrainedModel):
         self.grid = c.frame_size // c.ae_downsample
         self.tokens_per_frame = (self.grid // c.patch) ** 2
         self.token_dim = c.latent_channels * c.patch**2
-        self.ae = Autoencoder(c.latent_channels, c.ae_downsample, c.ae_width)
+        self.ae = Autoencoder(c.latent_channels, c.ae_downsample, c.ae_width, c.ae_subpixel)
         self.register_buffer("latent_mean", torch.zeros(c.latent_channels))
         self.register_buffer("latent_std", torch.ones(c.latent_channels))
         orders = ("raster", "reverse")

@@ -161,12 +161,32 @@ def test_guided_vector_env_matches_guided_single_env(endless_world):
 
 
 def test_embedded_default_world_loads_with_no_arguments():
-    from worldflow.pretrained import DEFAULT_WORLD
+    from worldflow.pretrained import EMBEDDED
 
-    assert sum(p.stat().st_size for p in DEFAULT_WORLD.iterdir()) < 30 * 2**20  # ships inside the package
+    # every embedded world ships inside the package: together they stay under 30 MB
+    assert sum(p.stat().st_size for p in EMBEDDED.glob("*/*")) < 30 * 2**20
     env = gym.make("WorldFlow-v0")
     assert env.unwrapped.model.config.env_id == "ALE/Breakout-v5"
     obs, _ = env.reset(seed=0)
     assert obs.shape == (64, 64, 3) and obs.std() > 1
     frame, reward, terminated, truncated, info = env.step(1)
     assert frame.shape == (64, 64, 3) and np.isfinite(info["bits_per_dim"])
+
+
+def test_embedded_worlds_load_by_name_and_a_real_path_wins(tmp_path, monkeypatch, endless_world):
+    from worldflow.cli import WORLD_HELP
+    from worldflow.pretrained import DEFAULT_WORLD, EMBEDDED, EMBEDDED_WORLDS, resolve_world
+
+    assert resolve_world("default") == resolve_world() == DEFAULT_WORLD
+    assert all(f"'{name}'" in WORLD_HELP for name in EMBEDDED_WORLDS)  # the CLI's help names them all
+    fast = gym.make("WorldFlow-v0", checkpoint="fast")
+    assert resolve_world("fast") == EMBEDDED / "fast"
+    cfg = fast.unwrapped.model.config
+    assert fast.unwrapped.model.tokens_per_frame == 16 and cfg.ae_subpixel and cfg.env_id == "ALE/Breakout-v5"
+    obs, _ = fast.reset(seed=0)
+    assert obs.shape == (64, 64, 3) and fast.step(1)[0].shape == (64, 64, 3)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fast").symlink_to(endless_world)  # a directory of that name: the user's own world
+    assert resolve_world("fast").resolve() == endless_world.resolve()
+    with pytest.raises(FileNotFoundError, match="embedded worlds: default, fast"):
+        resolve_world("fastest")

@@ -10,6 +10,9 @@ import threading
 
 from . import __version__
 
+# kept in step with pretrained.EMBEDDED_WORLDS (not imported: `worldflow --help` stays free of torch)
+WORLD_HELP = "run or checkpoint dir, or an embedded world: 'default' or 'fast' (default: 'default')"
+
 
 def make_policy(name: str | None, num_actions: int, seed: int | None, frame_size: int = 64):
     """'random', 'tracker' or 'tracker-offset' (the scripted Breakout policies), a saved agent's directory,
@@ -203,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=run_train)
 
     p = sub.add_parser("eval", help="measure a world on real held-out episodes: bits/dim, open-loop PSNR/SSIM, heads")
-    p.add_argument("checkpoint", nargs="?", default=None, help="run or checkpoint dir (default: the embedded world)")
+    p.add_argument("checkpoint", nargs="?", default=None, help=WORLD_HELP)
     p.add_argument("--data", default=None, help="dataset dir (its held-out episodes are used); default: "
                    "collect fresh episodes of the world's own game next to --json")
     p.add_argument("--horizon", type=int, default=16, help="open-loop dream steps compared with the real ones")
@@ -217,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=run_eval)
 
     p = sub.add_parser("play", help="play a world in a pygame window (H in the window lists the keys)")
-    p.add_argument("checkpoint", nargs="?", default=None, help="run or checkpoint dir (default: the embedded world)")
+    p.add_argument("checkpoint", nargs="?", default=None, help=WORLD_HELP)
     p.add_argument("--scale", type=int, default=8, help="pixels per frame pixel (nearest neighbour)")
     p.add_argument("--fps", type=int, default=None, help="target frames/s (default: the env's render_fps; 0: uncapped)")
     p.add_argument("--compare", action="store_true", help="show the real game beside the dream, same keys")
@@ -233,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=run_play)
 
     p = sub.add_parser("dream", help="roll out the world model under a policy and write mp4/gif")
-    p.add_argument("checkpoint", nargs="?", default=None, help="run or checkpoint dir (default: the embedded world)")
+    p.add_argument("checkpoint", nargs="?", default=None, help=WORLD_HELP)
     p.add_argument("--steps", type=int, default=200, help="frames after the first (ended episodes restart)")
     p.add_argument("--out", required=True, help="clip.mp4 or clip.gif")
     p.add_argument("--policy", default="random", help="'random', 'tracker' or 'tracker-offset' (scripted Breakout) "
@@ -246,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent = sub.add_parser("agent", help="RL agents trained inside a world, checked in the real game")
     agent_sub = agent.add_subparsers(dest="agent_command", metavar="COMMAND", required=True)
     p = agent_sub.add_parser("train", help="train an actor-critic in the dream (resumes if OUT exists)")
-    p.add_argument("--checkpoint", default=None, help="world: run or checkpoint dir (default: the embedded world)")
+    p.add_argument("--checkpoint", default=None, help="world: " + WORLD_HELP)
     p.add_argument("--workers", type=int, default=0, help="Ray rollout actors (0: roll out in this process)")
     p.add_argument("--steps", type=int, required=True, help="imagined environment steps in total")
     p.add_argument("--envs", type=int, default=16, help="dreams batched in each worker's vector env")

@@ -3,7 +3,9 @@
     config.json, model.safetensors     the model (WorldFlowModel.save_pretrained)
     start_contexts.safetensors         frames (M, K, S, S, 3) uint8 and actions (M, K-1) int64:
                                        real clips that resets start from
-The embedded default world ships inside the package at worldflow/pretrained/default/.
+The embedded worlds ship inside the package at worldflow/pretrained/NAME/: "default" (what
+gym.make("WorldFlow-v0") loads) and "fast" (a quarter of the tokens, for batched dreaming); a
+checkpoint argument may name one of them instead of a path.
 """
 
 from pathlib import Path
@@ -12,19 +14,24 @@ import torch
 from safetensors.torch import load_file, save_file
 
 CONTEXTS = "start_contexts.safetensors"
-DEFAULT_WORLD = Path(__file__).parent / "pretrained" / "default"
+EMBEDDED = Path(__file__).parent / "pretrained"
+EMBEDDED_WORLDS = ("default", "fast")
+DEFAULT_WORLD = EMBEDDED / "default"
 
 
 def resolve_world(path=None) -> Path:
-    """A run directory, a checkpoint directory, or None for the embedded default world."""
-    if path is None:
-        if not (DEFAULT_WORLD / "model.safetensors").exists():
-            raise FileNotFoundError(f"no default world is installed at {DEFAULT_WORLD}; "
+    """A run directory, a checkpoint directory, an embedded world's name, or None for the default world.
+
+    A path that exists wins over an embedded world of the same name."""
+    if path is None or (str(path) in EMBEDDED_WORLDS and not Path(path).exists()):
+        world = EMBEDDED / (path or "default")
+        if not (world / "model.safetensors").exists():
+            raise FileNotFoundError(f"no {path or 'default'} world is installed at {world}; "
                                     "pass a checkpoint (a `worldflow train` run directory or its latest/)")
-        return DEFAULT_WORLD
+        return world
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint {path} does not exist (embedded worlds: {', '.join(EMBEDDED_WORLDS)})")
     return path / "latest" if (path / "latest" / "config.json").exists() else path
 
 

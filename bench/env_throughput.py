@@ -1,9 +1,11 @@
 """Dream throughput: frames/s at batch 1 and 64, Jacobi vs sequential, each denoiser; model FLOPs per
 frame and the fraction of this machine's matmul peak (measured in the same run); how closely Jacobi's
-frames match sequential inversion's (the first dream step of each row, same state and noise); and
-the real ALE environment's steps/s with the same preprocessing.
+frames match sequential inversion's (the first dream step of each row, same state and noise); the
+environments themselves as a user steps them (`gym.make` and `gym.make_vec` with 64 envs, random
+actions, the env's defaults: Jacobi, flow-score); and the real ALE environment's steps/s with the
+same preprocessing.
 
-    python bench/env_throughput.py [--checkpoint RUN_OR_CKPT] [--config configs/breakout.yaml]
+    python bench/env_throughput.py [--checkpoint RUN_OR_CKPT_OR_NAME] [--config configs/breakout.yaml]
 
 Without a checkpoint (and with no default world installed) it times a freshly initialised model of
 the config: its flow is near the identity, so Jacobi converges in ~1 sweep and its speed is
@@ -15,6 +17,8 @@ import contextlib
 import time
 from pathlib import Path
 
+import gymnasium as gym
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -80,6 +84,22 @@ def agreement(jacobi_frames: torch.Tensor, sequential_frames: torch.Tensor) -> d
                 max_pixel_diff=(jacobi_frames.int() - sequential_frames.int()).abs().max().item())
 
 
+def env_steps_per_s(checkpoint, num_envs: int, steps: int) -> float:
+    """Frames/s of gym.make("WorldFlow-v0") (num_envs 1) or its native vector env, random actions, after
+    one warm-up step: what a user's loop gets, autoresets and numpy conversions included."""
+    env = (gym.make("WorldFlow-v0", checkpoint=str(checkpoint)) if num_envs == 1
+           else gym.make_vec("WorldFlow-v0", num_envs=num_envs, checkpoint=str(checkpoint)))
+    env.reset(seed=0)
+    n_actions = (env.action_space if num_envs == 1 else env.single_action_space).n
+    actions = np.random.default_rng(0).integers(0, n_actions, (steps + 1, num_envs))
+    step = (lambda a: env.step(int(a[0]))) if num_envs == 1 else env.step
+    step(actions[0])
+    t0 = time.perf_counter()
+    for a in actions[1:]:
+        step(a)
+    return num_envs * steps / (time.perf_counter() - t0)
+
+
 def ale_steps_per_s(env_id: str, steps: int = 1000) -> float:
     env = make_env(env_id)
     env.reset(seed=0)
@@ -131,6 +151,11 @@ def main():
                          if sampler == "jacobi" else "")
                 print(f"{batch:>5} {sampler:>10} {denoiser:>10} {fps:>9.1f} {sweeps:>7.1f} {fl / 1e9:>12.3f} "
                       f"{100 * row['fraction_of_peak']:>6.1f}% {match:>18}")
+    envs = {}
+    if not source.startswith("UNTRAINED"):
+        for n in (1, 64):
+            envs[n] = env_steps_per_s(args.checkpoint or "default", n, args.steps if n == 1 else max(2, args.steps // 10))
+            print(f"{'gym.make' if n == 1 else 'gym.make_vec, 64 envs'} (jacobi, flow-score): {envs[n]:.1f} frames/s")
     ale = ale_steps_per_s(args.env)
     print(f"real {args.env} with 64x64 preprocessing: {ale:.0f} steps/s")
     speedups = {f"batch{b}_{d}": next(r["frames_per_s"] for r in rows if r["batch"] == b and r["sampler"] == "jacobi"
@@ -140,6 +165,7 @@ def main():
     print("Jacobi / sequential speedup: " + ", ".join(f"{k} {v:.1f}x" for k, v in speedups.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(args.out), dict(model=source, matmul_peak_gflops=peak, rows=rows,
+                                           env_frames_per_s={f"num_envs_{n}": v for n, v in envs.items()},
                                            ale_steps_per_s=ale, jacobi_speedup=speedups,
                                            threads=torch.get_num_threads()))
     print(f"wrote {args.out}")

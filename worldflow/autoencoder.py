@@ -33,8 +33,8 @@ class Autoencoder(nn.Module):
         dec = [nn.Conv2d(latent_channels, width, 3, padding=1), ResBlock(width)]
         for _ in range(n - 1):
             dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, width, 3, padding=1), ResBlock(width)]
-        if subpixel:  # the last 2x as a sub-pixel convolution: each 2x2 output block from its 32x32
-            # feature, no convolution at full resolution (a batch of 64 at width 32: 83 -> 44 ms)
+        if subpixel:  # the last 2x as a sub-pixel convolution: each 2x2 output block from the half-
+            # resolution feature under it, no convolution at full resolution (64x64, batch 64, width 32: 83 -> 44 ms)
             dec += [nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, 3 * 4, 3, padding=1), nn.PixelShuffle(2)]
         else:
             dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, half, 3, padding=1),

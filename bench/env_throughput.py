@@ -87,8 +87,8 @@ def agreement(jacobi_frames: torch.Tensor, sequential_frames: torch.Tensor) -> d
 def env_steps_per_s(checkpoint, num_envs: int, steps: int) -> float:
     """Frames/s of gym.make("WorldFlow-v0") (num_envs 1) or its native vector env, random actions, after
     one warm-up step: what a user's loop gets, autoresets and numpy conversions included."""
-    env = (gym.make("WorldFlow-v0", checkpoint=str(checkpoint)) if num_envs == 1
-           else gym.make_vec("WorldFlow-v0", num_envs=num_envs, checkpoint=str(checkpoint)))
+    env = (gym.make("WorldFlow-v0", checkpoint=checkpoint) if num_envs == 1
+           else gym.make_vec("WorldFlow-v0", num_envs=num_envs, checkpoint=checkpoint))
     env.reset(seed=0)
     n_actions = (env.action_space if num_envs == 1 else env.single_action_space).n
     actions = np.random.default_rng(0).integers(0, n_actions, (steps + 1, num_envs))
@@ -121,7 +121,8 @@ def main():
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "env_throughput.json"))
     args = parser.parse_args()
 
-    if args.checkpoint or (DEFAULT_WORLD / "model.safetensors").exists():
+    trained = bool(args.checkpoint) or (DEFAULT_WORLD / "model.safetensors").exists()
+    if trained:
         model, frames, actions = load_world(args.checkpoint)
         source = str(args.checkpoint or DEFAULT_WORLD)
     else:
@@ -152,9 +153,9 @@ def main():
                 print(f"{batch:>5} {sampler:>10} {denoiser:>10} {fps:>9.1f} {sweeps:>7.1f} {fl / 1e9:>12.3f} "
                       f"{100 * row['fraction_of_peak']:>6.1f}% {match:>18}")
     envs = {}
-    if not source.startswith("UNTRAINED"):
+    if trained:  # the envs load a world themselves: a fresh model has none to load
         for n in (1, 64):
-            envs[n] = env_steps_per_s(args.checkpoint or "default", n, args.steps if n == 1 else max(2, args.steps // 10))
+            envs[n] = env_steps_per_s(args.checkpoint, n, args.steps if n == 1 else max(2, args.steps // 10))
             print(f"{'gym.make' if n == 1 else 'gym.make_vec, 64 envs'} (jacobi, flow-score): {envs[n]:.1f} frames/s")
     ale = ale_steps_per_s(args.env)
     print(f"real {args.env} with 64x64 preprocessing: {ale:.0f} steps/s")

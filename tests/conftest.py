@@ -23,6 +23,16 @@ def breakout_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def takecover_data(tmp_path_factory):
+    """~400 real ViZDoom Take Cover steps (Dict observations, HEALTH as its game variable)."""
+    from worldflow.collect import collect
+
+    out = tmp_path_factory.mktemp("data") / "takecover"
+    collect("VizdoomTakeCover-v1", 400, str(out), seed=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tracker_data(tmp_path_factory):
     """~600 real Breakout steps played by the scripted tracker (the ball kept in play)."""
     from worldflow.agents.scripted import BreakoutTracker
@@ -60,7 +70,7 @@ def endless_world(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("endless") / "world"
     model = WorldFlowModel.from_pretrained(tiny_run[1] / "latest")
     with torch.no_grad():
-        model.heads.out[-1].bias[3] = -20.0
+        model.heads.out[-1].bias[3] = -20.0  # the termination logit
     model.save_pretrained(out)
     shutil.copy(tiny_run[1] / "latest" / CONTEXTS, out / CONTEXTS)
     return out

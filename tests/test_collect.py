@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from worldflow.collect import collect, shard_paths, shard_steps
-from worldflow.data import NO_LIFE_LOSS, ClipDataset, load_manifest, steps_to_life_loss
+from worldflow.collect import collect, make_env, shard_paths, shard_steps
+from worldflow.data import NO_EVENT, ClipDataset, load_manifest, steps_to_event
 
 
 def test_collection_writes_episodes_and_manifest(breakout_data):
     manifest = json.loads((breakout_data / "manifest.json").read_text())
     assert manifest["env_id"] == "ALE/Breakout-v5" and manifest["num_actions"] == 4
     assert manifest["action_meanings"] == ["NOOP", "FIRE", "RIGHT", "LEFT"] and manifest["frame_size"] == 64
+    assert manifest["event_names"] == ["life_lost"] and manifest["obs_key"] is None  # ALE reports lives
     shards = shard_paths(breakout_data)
     assert len(shards) >= 3 and sum(shard_steps(p) for p in shards) == 800
     with np.load(shards[0]) as ep:
@@ -23,32 +24,61 @@ def test_collection_writes_episodes_and_manifest(breakout_data):
         assert ep["rewards"].shape == ep["terminated"].shape == (L,)
         assert ep["terminated"][-1] or ep["truncated"][-1]  # an episode ends where its shard ends
         assert ep["frames"].std() > 1  # real pixels, not a blank screen
-        assert ep["lives"].shape == (L + 1,) and ep["lives"][0] == 5  # Breakout starts with 5 lives
-        assert ep["terminated"][-1] == (ep["lives"][-1] == 0) and (np.diff(ep["lives"]) <= 0).all()
+        assert ep["events"].shape == (L, 1) and ep["events"].dtype == bool
+        if ep["terminated"][-1]:  # Breakout's 5 lives: a game over has lost all of them, the last at its end
+            assert ep["events"].sum() == 5 and ep["events"][-1, 0]
     with np.load(shards[-1]) as last:
         assert last["truncated"][-1]  # the step budget cut the last episode
 
 
-def test_steps_to_life_loss_counts_to_the_next_lost_life():
-    lives = np.array([3, 3, 3, 2, 2, 1, 1, 1])  # steps 2 and 4 lose a life
-    assert steps_to_life_loss(lives).tolist() == [2, 1, 0, 1, 0, NO_LIFE_LOSS, NO_LIFE_LOSS]
-    assert steps_to_life_loss(np.zeros(4, np.int16)).tolist() == [NO_LIFE_LOSS] * 3  # a game without lives
+def test_steps_to_event_counts_to_each_events_next_step():
+    happened = np.array([[0, 0], [0, 1], [1, 0], [0, 0], [1, 0], [0, 0], [0, 0]], bool)
+    assert steps_to_event(happened)[:, 0].tolist() == [2, 1, 0, 1, 0, NO_EVENT, NO_EVENT]
+    assert steps_to_event(happened)[:, 1].tolist() == [1, 0] + [NO_EVENT] * 5
+    assert steps_to_event(np.zeros((4, 0), bool)).shape == (4, 0)  # a game without events
 
 
-def test_clips_carry_each_steps_distance_to_a_lost_life_and_old_shards_are_refused(breakout_data, tmp_path):
+def test_clips_carry_each_steps_distance_to_an_event_and_old_shards_still_load(breakout_data, tmp_path):
     clips = ClipDataset(breakout_data, clip_frames=4, split="all")
     ep = clips.episodes[0]
     with np.load(shard_paths(breakout_data)[0]) as shard:
-        lost = np.flatnonzero(np.diff(shard["lives"]) < 0)
-        old = {k: shard[k] for k in shard.files if k != "lives"}
-    assert len(lost) >= 1 and (ep["steps_to_life_loss"][lost] == 0).all()
+        lost = np.flatnonzero(shard["events"][:, 0])
+        old = {k: shard[k] for k in shard.files if k != "events"}
+    assert len(lost) >= 1 and (ep["steps_to_event"][lost, 0] == 0).all()
     item = clips[0]
-    assert torch.equal(item["steps_to_life_loss"], torch.from_numpy(ep["steps_to_life_loss"][:3]))
+    assert torch.equal(item["steps_to_event"], torch.from_numpy(ep["steps_to_event"][:3]))
+    # a shard from before events were generic holds ALE's life counter: its drops are the same event
     stale = tmp_path / "stale"
     shutil.copytree(breakout_data, stale)
-    np.savez_compressed(shard_paths(stale)[0], **old)  # as collected before lives were recorded
+    lost_at = np.isin(np.arange(len(old["actions"])), lost)
+    lives = 5 - np.concatenate([[0], np.cumsum(lost_at)])
+    np.savez_compressed(shard_paths(stale)[0], lives=lives.astype(np.int16), **old)
+    assert lost_at.any() and np.array_equal(
+        ClipDataset(stale, clip_frames=4, split="all").episodes[0]["steps_to_event"], ep["steps_to_event"])
+    np.savez_compressed(shard_paths(stale)[0], **old)  # neither events nor lives
     with pytest.raises(ValueError, match="collect it again"):
         ClipDataset(stale, clip_frames=4, split="all")
+
+
+def test_a_vizdoom_collection_reads_dict_observations_and_records_damage(takecover_data):
+    manifest = json.loads((takecover_data / "manifest.json").read_text())
+    assert manifest["obs_key"] == "screen" and manifest["event_names"] == ["HEALTH_drop"]
+    assert manifest["action_meanings"] == ["NOOP", "MOVE_RIGHT", "MOVE_LEFT"]
+    shards = shard_paths(takecover_data)
+    with np.load(shards[0]) as ep:
+        assert ep["frames"].shape[1:] == (64, 64, 3) and ep["frames"].std() > 1
+        assert (ep["rewards"] == 1).all()  # Take Cover: +1 per tic alive
+        if ep["terminated"][-1]:  # death: the health falls to 0 at the episode's last step
+            assert ep["events"][-1, 0]
+
+
+def test_missing_or_unknown_envs_and_non_pixel_envs_are_clear_errors():
+    with pytest.raises(ValueError, match="cannot make 'NoSuchGame-v0'"):
+        make_env("NoSuchGame-v0")
+    with pytest.raises(ValueError, match="RGB pixel observations"):
+        make_env("CartPole-v1")
+    with pytest.raises(ValueError, match="obs key 'nope'"):
+        make_env("VizdoomTakeCover-v1", obs_key="nope")
 
 
 def test_clip_dataset_splits_by_episode(breakout_data):

@@ -106,7 +106,7 @@ def test_bad_inputs_raise_clear_errors(model_and_clip, tmp_path):
 def test_outcome_heads_learn_a_small_change_anywhere_in_the_frame():
     """The heads' premise: a reward shows as a local change between two frames, wherever it happens."""
     torch.manual_seed(0)
-    heads = OutcomeHeads(channels=4, conv_width=16, state_width=8)
+    heads = OutcomeHeads(channels=4, conv_width=16, state_width=8, num_events=1)
     opt = torch.optim.Adam(heads.parameters(), lr=3e-3)
 
     def batch(n):
@@ -120,36 +120,36 @@ def test_outcome_heads_learn_a_small_change_anywhere_in_the_frame():
 
     for _ in range(200):
         latent, previous, label = batch(64)
-        loss = F.cross_entropy(heads(latent, previous, torch.zeros(64, 8))[:, :2], label)
+        loss = F.cross_entropy(heads(latent, previous, torch.zeros(64, 8)).reward[:, :2], label)
         opt.zero_grad()
         loss.backward()
         opt.step()
     latent, previous, label = batch(512)
     with torch.no_grad():
-        accuracy = (heads(latent, previous, torch.zeros(512, 8))[:, :2].argmax(-1) == label).float().mean()
+        accuracy = (heads(latent, previous, torch.zeros(512, 8)).reward[:, :2].argmax(-1) == label).float().mean()
     assert accuracy > 0.95
 
 
-def test_outcome_weights_make_each_reward_sign_ending_and_lost_life_count_equally(model_and_clip):
+def test_outcome_weights_make_each_reward_sign_ending_and_event_count_equally(model_and_clip):
     model = model_and_clip[0]
     rewards = torch.tensor([0.0] * 90 + [1.0] * 8 + [-3.0] * 2)  # signs are what count
     terminated = torch.tensor([False] * 96 + [True] * 4)
-    horizon = model.config.life_loss_horizon
-    steps_to_life_loss = torch.tensor([horizon - 1] * 20 + [horizon] * 30 + [2**30] * 50)  # 20 within the horizon
-    weights = model.outcome_weights(rewards, terminated, steps_to_life_loss)
+    horizon = model.config.event_horizon
+    steps_to_event = torch.tensor([horizon - 1] * 20 + [horizon] * 30 + [2**30] * 50)[:, None]  # 20 within the horizon
+    weights = model.outcome_weights(rewards, terminated, steps_to_event)
     counts = torch.tensor([2.0, 90.0, 8.0])  # -1, 0, +1
     assert torch.allclose(weights["reward"] * counts, torch.full((3,), 90.0))
     assert weights["terminated"].item() == 24.0  # 96 steps that went on against 4 endings
-    assert weights["life_loss"].item() == 4.0  # 80 steps with no life lost within the horizon against 20
+    assert weights["events"].tolist() == [4.0]  # 80 steps with no event within the horizon against 20
 
 
-def test_life_loss_target_is_the_window_from_the_delay(model_and_clip, monkeypatch):
+def test_event_target_is_the_window_from_the_delay(model_and_clip, monkeypatch):
     model = model_and_clip[0]
     steps = torch.tensor([0, 6, 7, 11, 12, 18, 19, 2**30])  # steps until the next lost life
-    monkeypatch.setattr(model.config, "life_loss_horizon", 12)
-    assert model.life_loss_ahead(steps).tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
-    monkeypatch.setattr(model.config, "life_loss_delay", 7)  # the empty field after a miss is no longer "at risk"
-    assert model.life_loss_ahead(steps).tolist() == [0, 0, 1, 1, 1, 1, 0, 0]
+    monkeypatch.setattr(model.config, "event_horizon", 12)
+    assert model.event_ahead(steps).tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    monkeypatch.setattr(model.config, "event_delay", 7)  # the empty field after a miss is no longer "at risk"
+    assert model.event_ahead(steps).tolist() == [0, 0, 1, 1, 1, 1, 0, 0]
 
 
 @torch.no_grad()
@@ -179,7 +179,7 @@ def test_motion_weighted_flow_loss_weighs_changed_tokens_and_keeps_the_denoiser_
     assert torch.equal(moved, expected)
 
     outcomes = dict(rewards=torch.zeros(1, 2), terminated=torch.zeros(1, 2, dtype=torch.bool),
-                    steps_to_life_loss=torch.full((1, 2), 2**30))
+                    steps_to_event=torch.full((1, 2, 1), 2**30))
     runs = {}
     for weight in (0.0, 5.0):
         losses, noisy = model.compute_losses(clip, actions[:, :2], outcomes, torch.Generator().manual_seed(0),

@@ -13,7 +13,7 @@ from .collect import shard_paths
 
 
 # what every dataset trained on together must agree on: the same game, frames and actions
-SAME_GAME = ("env_id", "frame_size", "num_actions", "action_meanings")
+SAME_GAME = ("env_id", "frame_size", "num_actions", "action_meanings", "event_names")
 
 
 def as_roots(data) -> list[Path]:
@@ -32,7 +32,8 @@ def load_manifest(data) -> dict:
         path = root / "manifest.json"
         if not path.exists():
             raise FileNotFoundError(f"{root} is not a WorldFlow dataset (no manifest.json): run `worldflow collect` first")
-        manifests.append(json.loads(path.read_text()))
+        # a manifest from before events were generic: its shards hold ALE's lives (load_episode)
+        manifests.append({"event_names": ["life_lost"], "obs_key": None, **json.loads(path.read_text())})
     first = manifests[0]
     for root, m in zip(roots, manifests):
         for key in SAME_GAME:
@@ -57,28 +58,37 @@ def window_starts(length: int, clip_frames: int, stride: int) -> list[int]:
     return starts
 
 
-NO_LIFE_LOSS = 2**30  # steps_to_life_loss of a step with no life lost after it in its episode
+NO_EVENT = 2**30  # steps_to_event of a step with no such event after it in its episode
 
 
-def steps_to_life_loss(lives: np.ndarray) -> np.ndarray:
-    """An episode's life counter (L+1,) -> (L,) int64: for each step, how many steps later a life is
-    lost (0: this step loses one), or NO_LIFE_LOSS. A life goes some steps after the ball does (in
-    Breakout 7-10 steps after it leaves the field), so a world's heads learn "a life goes within the
-    next K steps", which this gives for any K."""
-    steps = np.arange(len(lives) - 1)
-    lost = np.flatnonzero(lives[1:] < lives[:-1])  # steps that lose a life
-    first = np.searchsorted(lost, steps)  # the first loss at or after each step (len(lost): none)
-    ahead = np.append(lost, len(steps) + NO_LIFE_LOSS)[first] - steps
-    return np.minimum(ahead, NO_LIFE_LOSS).astype(np.int64)
+def steps_to_event(happened: np.ndarray) -> np.ndarray:
+    """An episode's event flags (L, E) bool -> (L, E) int64: for each step and event, how many steps
+    later the event next happens (0: at this step), or NO_EVENT. An event is often the end of a cause
+    some steps before it (in Breakout a life goes 7-10 steps after the ball leaves the field), so a
+    world's heads learn "this event within the next K steps", which this gives for any K."""
+    L = len(happened)
+    out = np.full(happened.shape, NO_EVENT, np.int64)
+    steps = np.arange(L)
+    for e in range(happened.shape[1]):
+        at = np.flatnonzero(happened[:, e])
+        first = np.searchsorted(at, steps)  # the first event at or after each step (len(at): none)
+        out[:, e] = np.minimum(np.append(at, L + NO_EVENT)[first] - steps, NO_EVENT)
+    return out
 
 
 def load_episode(path: Path) -> dict:
-    """One shard -> the arrays training reads: frames, actions, rewards, terminated, steps_to_life_loss."""
+    """One shard -> the arrays training reads: frames, actions, rewards, terminated, steps_to_event (L, E).
+
+    Shards written before events were generic hold ALE's life counter instead: its drops are "life_lost"."""
     with np.load(path) as shard:
-        if "lives" not in shard:
-            raise ValueError(f"{path} was collected before episodes recorded the game's lives: collect it again")
         episode = {k: shard[k] for k in ("frames", "actions", "rewards", "terminated")}
-        episode["steps_to_life_loss"] = steps_to_life_loss(shard["lives"])
+        if "events" in shard:
+            events = shard["events"]
+        elif "lives" in shard:
+            events = (np.diff(shard["lives"]) < 0)[:, None]
+        else:
+            raise ValueError(f"{path} was collected before episodes recorded events: collect it again")
+    episode["steps_to_event"] = steps_to_event(events.reshape(len(episode["actions"]), -1))
     return episode
 
 
@@ -100,7 +110,7 @@ class ClipDataset(Dataset):
     one game; each is split on its own, and the clips of all are pooled.
 
     Item: frames (T, S, S, 3) uint8, actions (T-1,) long, rewards (T-1,) float, terminated (T-1,) bool,
-    steps_to_life_loss (T-1,) long; actions[i] leads from frames[i] to frames[i+1].
+    steps_to_event (T-1, E) long; actions[i] leads from frames[i] to frames[i+1].
     """
 
     def __init__(self, root, clip_frames: int, split: str = "train", val_fraction: float = 0.1, stride: int = 1):
@@ -127,10 +137,12 @@ class ClipDataset(Dataset):
                     actions=torch.from_numpy(ep["actions"][s:s + T - 1]).long(),
                     rewards=torch.from_numpy(ep["rewards"][s:s + T - 1]).float(),
                     terminated=torch.from_numpy(ep["terminated"][s:s + T - 1]),
-                    steps_to_life_loss=torch.from_numpy(ep["steps_to_life_loss"][s:s + T - 1]))
+                    steps_to_event=torch.from_numpy(ep["steps_to_event"][s:s + T - 1]))
 
 
-def spread_clips(clips: ClipDataset, count: int) -> dict:
-    """`count` clips spread evenly over the dataset (all if fewer), as one batch dict of stacked tensors."""
-    picks = torch.linspace(0, len(clips) - 1, min(count, len(clips))).long()
-    return default_collate([clips[int(i)] for i in picks])
+def spread_clips(clips: ClipDataset, count: int, among: list[int] | None = None) -> dict:
+    """`count` clips spread evenly over the dataset (or over the clip indices `among`; all if fewer), as
+    one batch dict of stacked tensors."""
+    among = list(range(len(clips))) if among is None else among
+    picks = torch.linspace(0, len(among) - 1, min(count, len(among))).long()
+    return default_collate([clips[among[int(i)]] for i in picks])

@@ -79,41 +79,45 @@ def fidelity(pred: torch.Tensor, real: torch.Tensor, last: torch.Tensor) -> dict
     return dict(psnr=full, psnr_changed=moved, ssim=structure)
 
 
+def precision_recall(pred: torch.Tensor, real: torch.Tensor) -> dict:
+    """Two bool vectors of the steps -> precision and recall of `pred` (None where undefined), accuracy, positives."""
+    hits = (pred & real).sum().item()
+    return dict(precision=hits / pred.sum().item() if pred.any() else None,
+                recall=hits / real.sum().item() if real.any() else None,
+                accuracy=(pred == real).float().mean().item(), steps=int(real.sum()))
+
+
 @torch.no_grad()
 def heads_and_likelihood(model: WorldFlowModel, data, split: str, windows: int, seed: int) -> dict:
-    """Latent bits/dim and the reward / termination / life-loss heads, teacher-forced on non-overlapping
+    """Latent bits/dim and the reward / termination / event heads, teacher-forced on non-overlapping
     real windows."""
     K = model.config.context_frames
     clips = ClipDataset(data, K, split, stride=K)
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    bpd, pred_r, real_r, pred_t, real_t, pred_l, real_l = [], [], [], [], [], [], []
+    bpd, pred_r, real_r, pred_t, real_t, pred_e, real_e = [], [], [], [], [], [], []
     for i in range(0, min(windows, len(clips)), 32):
         b = default_collate([clips[j] for j in range(i, min(i + 32, windows, len(clips)))])
         log_p, logits = model.score_clip(b["frames"], b["actions"], generator)  # logits: the steps into frames 1..
         bpd.append(model.to_bits_per_dim(log_p, K))
-        pred_r.append(logits[..., :3].argmax(-1).flatten() - 1)
+        pred_r.append(logits.reward.argmax(-1).flatten() - 1)
         real_r.append(b["rewards"].sign().long().flatten())
-        pred_t.append(torch.sigmoid(logits[..., 3]).flatten() > 0.5)
+        pred_t.append(torch.sigmoid(logits.terminated).flatten() > 0.5)
         real_t.append(b["terminated"].flatten())
-        pred_l.append(torch.sigmoid(logits[..., 4]).flatten() > 0.5)
-        real_l.append(model.life_loss_ahead(b["steps_to_life_loss"]).flatten() > 0)
-    pred_r, real_r, pred_t, real_t, pred_l, real_l = (torch.cat(v) for v in (pred_r, real_r, pred_t, real_t,
-                                                                             pred_l, real_l))
+        pred_e.append(torch.sigmoid(logits.events).flatten(0, 1) > 0.5)
+        real_e.append(model.event_ahead(b["steps_to_event"]).flatten(0, 1) > 0)
+    pred_r, real_r, pred_t, real_t, pred_e, real_e = (torch.cat(v) for v in (pred_r, real_r, pred_t, real_t,
+                                                                             pred_e, real_e))
     nonzero = real_r != 0
-    hits = (pred_t & real_t).sum().item()
-    life_hits = (pred_l & real_l).sum().item()
+    termination = precision_recall(pred_t, real_t)
     return dict(
         bits_per_dim=torch.cat(bpd).mean().item(), windows=len(torch.cat(bpd)), steps=len(real_r),
         reward_sign_accuracy=(pred_r == real_r).float().mean().item(),
         reward_sign_accuracy_nonzero=(pred_r[nonzero] == real_r[nonzero]).float().mean().item() if nonzero.any() else None,
         nonzero_rewards=int(nonzero.sum()),
-        termination_precision=hits / pred_t.sum().item() if pred_t.any() else None,
-        termination_recall=hits / real_t.sum().item() if real_t.any() else None,
-        terminations=int(real_t.sum()),
-        # a life lost within the window ahead (life_loss_ahead): precision and recall of the steps where it is
-        life_loss_precision=life_hits / pred_l.sum().item() if pred_l.any() else None,
-        life_loss_recall=life_hits / real_l.sum().item() if real_l.any() else None,
-        life_loss_accuracy=(pred_l == real_l).float().mean().item(), life_loss_steps=int(real_l.sum()))
+        termination_precision=termination["precision"], termination_recall=termination["recall"],
+        terminations=termination["steps"],
+        # each event within the window ahead (event_ahead): precision and recall of the steps where it is
+        events={name: precision_recall(pred_e[:, e], real_e[:, e]) for e, name in enumerate(model.config.event_names)})
 
 
 @torch.no_grad()

@@ -73,9 +73,8 @@ def table(result: dict) -> str:
               f"(on {result['nonzero_rewards']} nonzero rewards: {result['reward_sign_accuracy_nonzero']})",
               f"termination precision {result['termination_precision']} recall {result['termination_recall']} "
               f"({result['terminations']} terminations)",
-              f"life lost within the window ahead: precision {result['life_loss_precision']} recall "
-              f"{result['life_loss_recall']} accuracy {result['life_loss_accuracy']:.3f} "
-              f"({result['life_loss_steps']} such steps)",
+              *(f"{name} within the window ahead: precision {e['precision']} recall {e['recall']} "
+                f"accuracy {e['accuracy']:.3f} ({e['steps']} such steps)" for name, e in result["events"].items()),
               "nonzero rewards in the dreams' steps: real {real}, dreamed ".format(**result["dream_reward_events"])
               + ", ".join(f"{k} {v}" for k, v in result["dream_reward_events"].items() if k != "real"),
               f"counterfactual round trip {cf['roundtrip_psnr']:.1f} dB (max latent error "

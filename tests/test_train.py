@@ -134,12 +134,12 @@ def test_heads_only_fine_tune_trains_the_heads_and_leaves_the_rest(tiny_run, bre
     Trainer(cfg, str(breakout_data), str(tmp_path / "heads")).run(progress=False)
     after = WorldFlowModel.from_pretrained(tmp_path / "heads" / "latest").state_dict()
     heads = [k for k in before if k.startswith("heads.")]
-    assert any(k.startswith("heads.life_loss.") for k in heads)
+    assert any(k.startswith("heads.events.") for k in heads)
     assert all(not torch.equal(before[k], after[k]) for k in heads if k.endswith("weight"))
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("heads."))
     with open(tmp_path / "heads" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert rows and all(float(r["life_loss"]) > 0 and r["flow"] == "" for r in rows)
+    assert rows and all(float(r["events"]) > 0 and r["flow"] == "" for r in rows)
 
 
 def test_a_few_hundred_steps_lower_held_out_bits_per_dim(breakout_data, tmp_path):

@@ -30,13 +30,14 @@ class ModelConfig:
     context_frames: int = 8  # sliding window of the deep block's KV cache, in frames
     denoiser_width: int = 64
     head_width: int = 32  # reward / termination heads' convolutions over the frame's change
-    # the life-loss head predicts "a life is lost within this many steps"; in Breakout a life goes
-    # 7-10 steps after the ball leaves the field, so 12 reaches back to the paddle's miss itself
-    life_loss_horizon: int = 12
-    # ...counted from this many steps ahead: the head predicts a life lost in [delay, delay + horizon)
-    # steps. With the game's delay (Breakout: 7-10 steps), the empty field between a miss and the lost
-    # life falls outside the window, so no action in a dream can lower a risk that is already spent.
-    life_loss_delay: int = 0
+    # the event heads predict "the event happens within this many steps"; in Breakout a life goes 7-10
+    # steps after the ball leaves the field, so 12 reaches back to the paddle's miss itself
+    event_horizon: int = 12
+    # ...counted from this many steps ahead: the heads predict an event in [delay, delay + horizon)
+    # steps. With a game's own delay (Breakout: 7-10 steps from a miss to the lost life), the steps
+    # where the outcome is already decided fall outside the window, so no action in a dream can lower
+    # a risk that is already spent.
+    event_delay: int = 0
 
 
 @dataclass
@@ -67,6 +68,14 @@ class TrainConfig:
     log_every: int = 25
     checkpoint_every: int = 250
     threads: int = 0  # torch threads; 0 = torch's default
+    # mixed precision of the transformers' matmuls: "auto" = bf16 on CUDA, off on CPU (where it measured
+    # slower at batch 1 and lost accuracy); "bf16" or "off" force it. The flows' affine steps and
+    # log-determinants are float32 either way (flow.TARFlowBlock._affine).
+    autocast: str = "auto"
+    # where the world's shipped start contexts come from, in held-out episodes: "spread" = windows spread
+    # over them; "episode_start" = their first windows, so a dream starts where a real episode does (for
+    # games whose state builds up unseen, such as Take Cover's health)
+    start_contexts: str = "spread"
     # fine-tune: start from this checkpoint's weights (same architecture; tensors it lacks keep their
     # initialisation). With ae_steps 0 its autoencoder and latent statistics are kept as they are.
     init: str = ""
@@ -100,14 +109,24 @@ def _build(cls, values: dict, where: str):
     return cls(**kwargs)
 
 
+AUTOCAST = ("auto", "bf16", "off")
+START_CONTEXTS = ("spread", "episode_start")
+
+
 def config_from_dict(values: dict) -> Config:
     if not isinstance(values, dict):
         raise ValueError("a config must be a mapping with sections 'model' and 'train'")
     unknown = set(values) - {"model", "train"}
     if unknown:
         raise ValueError(f"unknown config section(s) {sorted(unknown)} (known: model, train)")
-    return Config(model=_build(ModelConfig, values.get("model", {}), "model"),
-                  train=_build(TrainConfig, values.get("train", {}), "train"))
+    cfg = Config(model=_build(ModelConfig, values.get("model", {}), "model"),
+                 train=_build(TrainConfig, values.get("train", {}), "train"))
+    if cfg.train.start_contexts not in START_CONTEXTS:
+        raise ValueError(f"config key 'train.start_contexts' must be one of {START_CONTEXTS}, "
+                         f"got {cfg.train.start_contexts!r}")
+    if cfg.train.autocast not in AUTOCAST:
+        raise ValueError(f"config key 'train.autocast' must be one of {AUTOCAST}, got {cfg.train.autocast!r}")
+    return cfg
 
 
 def load_config(path) -> Config:

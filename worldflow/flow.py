@@ -71,11 +71,18 @@ def gaussian_log_prob(z: torch.Tensor) -> torch.Tensor:
     return -0.5 * (z.pow(2) + math.log(2 * math.pi)).flatten(1).sum(1)
 
 
+def randn_on(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise drawn from `generator` on its own device, then moved to `device`: a CPU
+    generator (training's, seeded once) gives the same numbers whichever device the model is on."""
+    source = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=source, dtype=dtype).to(device)
+
+
 def add_noise(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Noise augmentation: the flow models x + sigma * eps, which keeps its density smooth."""
     if sigma == 0:
         return x
-    return x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x + sigma * randn_on(x.shape, generator, x.device, x.dtype)
 
 
 class TARFlowBlock(nn.Module):

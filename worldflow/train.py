@@ -29,28 +29,32 @@ from .autoencoder import to_pixels
 from .collect import write_json_atomic
 from .config import Config
 from .data import ClipDataset, as_roots, load_manifest, spread_clips
+from .devices import pick_device
 from .pretrained import resolve_world, save_contexts
-from .world_model import WorldFlowConfig, WorldFlowModel
+from .world_model import WorldFlowConfig, WorldFlowModel, rename_legacy_key
 
 CHECKPOINT = "latest"
-OUTCOMES = ("rewards", "terminated", "steps_to_life_loss")  # what each step tells the heads (ClipDataset)
+OUTCOMES = ("rewards", "terminated", "steps_to_event")  # what each step tells the heads (ClipDataset)
 START_CONTEXTS = 16
 
 
-def start_contexts(data: str | list[str], frames: int, val_fraction: float):
-    """Real clips a dream can start from, held-out episodes first: (M, K, S, S, 3), (M, K-1)."""
+def start_contexts(data: str | list[str], frames: int, val_fraction: float, where: str = "spread"):
+    """Real clips a dream can start from, held-out episodes first: (M, K, S, S, 3), (M, K-1); spread
+    over the episodes, or (where="episode_start") each episode's first window."""
     try:
         clips = ClipDataset(data, frames, "val", val_fraction)
     except ValueError:  # held-out episodes too short for a whole window
         clips = ClipDataset(data, frames, "train", val_fraction)
-    picks = spread_clips(clips, START_CONTEXTS)
+    firsts = [i for i, (_, start) in enumerate(clips.index) if start == 0] if where == "episode_start" else None
+    picks = spread_clips(clips, START_CONTEXTS, firsts)
     return picks["frames"], picks["actions"]
 
 
 def build_model(cfg: Config, manifest: dict) -> WorldFlowModel:
     return WorldFlowModel(WorldFlowConfig(frame_size=manifest["frame_size"], num_actions=manifest["num_actions"],
                                           action_meanings=manifest["action_meanings"], env_id=manifest["env_id"],
-                                          env_kwargs=manifest.get("env_kwargs", {}), **cfg.to_dict()["model"]))
+                                          env_kwargs=manifest.get("env_kwargs", {}), obs_key=manifest["obs_key"],
+                                          event_names=manifest["event_names"], **cfg.to_dict()["model"]))
 
 
 def init_from(model: WorldFlowModel, path: str) -> tuple[list[str], list[str]]:
@@ -63,7 +67,7 @@ def init_from(model: WorldFlowModel, path: str) -> tuple[list[str], list[str]]:
     if not file.is_file():
         raise FileNotFoundError(f"train.init {path} is not a WorldFlow checkpoint: model.safetensors is missing")
     try:  # the tensors themselves: the checkpoint's model class may be an older version
-        source = load_file(file)
+        source = {rename_legacy_key(k): v for k, v in load_file(file).items()}
     except Exception as e:
         raise ValueError(f"train.init {file} is corrupt: {type(e).__name__}: {e}") from None
     target = model.state_dict()
@@ -153,20 +157,23 @@ class Trainer:
     """One training process. Data-parallel under Ray Train, every rank runs one of these with its own
     batches, gradients are averaged by DistributedDataParallel, and rank 0 alone writes the run."""
 
-    def __init__(self, cfg: Config, data: str | list[str], out: str, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: Config, data: str | list[str], out: str, rank: int = 0, world_size: int = 1,
+                 device: str = "cpu"):
         self.cfg, self.out, t = cfg, Path(out), cfg.train
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(pick_device(device))
+        cuda = self.device.type == "cuda"
+        self.autocast = t.autocast == "bf16" or (t.autocast == "auto" and cuda)
         if t.threads:
             torch.set_num_threads(t.threads)
         self.train_set = ClipDataset(data, t.clip_frames, "train", t.val_fraction)
         self.manifest = self.train_set.manifest
-        self.contexts = start_contexts(data, cfg.model.context_frames, t.val_fraction)
+        self.contexts = start_contexts(data, cfg.model.context_frames, t.val_fraction, t.start_contexts)
         torch.manual_seed(t.seed)
-        self.model = build_model(cfg, self.manifest)
+        self.model = build_model(cfg, self.manifest).to(self.device)
         m = self.model
         steps = {k: torch.from_numpy(np.concatenate([ep[k] for ep in self.train_set.episodes]))
                  for k in OUTCOMES}
-        self.outcome_weights = m.outcome_weights(**steps)
+        self.outcome_weights = {k: v.to(self.device) for k, v in m.outcome_weights(**steps).items()}
         self.ae_opt = torch.optim.AdamW(m.ae.parameters(), lr=t.ae_lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
         self.flow_params = [p for mod in (*m.shallow, m.deep, m.heads) for p in mod.parameters()]
         self.flow_opt = torch.optim.AdamW(self.flow_params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
@@ -190,15 +197,21 @@ class Trainer:
             seed = np.random.SeedSequence([t.seed, rank, self.step]).generate_state(1)[0]
             self.generator.manual_seed(int(seed))
             # find_unused_parameters: each stage trains only part of the model (the AE, or the flow)
-            self.net = torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index or 0] if cuda else None, find_unused_parameters=True)
 
     @property
     def total_steps(self) -> int:
         return self.cfg.train.ae_steps + self.cfg.train.flow_steps
 
     def batch(self) -> dict:
+        """A batch of random training clips on the trainer's device (drawn from its CPU generator)."""
         idx = torch.randint(len(self.train_set), (self.cfg.train.batch_size,), generator=self.generator)
-        return default_collate([self.train_set[int(i)] for i in idx])
+        return {k: v.to(self.device) for k, v in default_collate([self.train_set[int(i)] for i in idx]).items()}
+
+    def mixed_precision(self):
+        """bf16 autocast around a forward pass where chosen (TrainConfig.autocast), else nothing."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
 
     def all_finite(self, loss: torch.Tensor) -> bool:
         """Whether every rank's loss is finite: a rank that skipped its backward alone would hang the rest."""
@@ -212,7 +225,8 @@ class Trainer:
         t = self.cfg.train
         for group in self.ae_opt.param_groups:
             group["lr"] = lr_at(self.step, t.ae_steps, t.ae_lr, t.warmup_steps)
-        loss, mse, moved_mse = self.net("ae", self.batch()["frames"], t.ae_motion_weight)
+        with self.mixed_precision():
+            loss, mse, moved_mse = self.net("ae", self.batch()["frames"], t.ae_motion_weight)
         self.ae_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.ae.parameters(), t.grad_clip)
@@ -232,12 +246,13 @@ class Trainer:
             group["lr"] = lr_at(step, t.flow_steps, t.lr, t.warmup_steps)
         b = self.batch()
         outcomes = {k: b[k] for k in OUTCOMES}
-        if t.train_flow:
-            losses, noisy = self.net("flow", b["frames"], b["actions"], outcomes, self.generator, self.outcome_weights,
-                                     t.flow_motion_weight)
-        else:  # the heads alone, on a fixed flow: no flow gradient, so no denoiser target either
-            losses, noisy = self.net("heads", b["frames"], b["actions"], outcomes, self.generator,
-                                     self.outcome_weights), None
+        with self.mixed_precision():
+            if t.train_flow:
+                losses, noisy = self.net("flow", b["frames"], b["actions"], outcomes, self.generator,
+                                         self.outcome_weights, t.flow_motion_weight)
+            else:  # the heads alone, on a fixed flow: no flow gradient, so no denoiser target either
+                losses, noisy = self.net("heads", b["frames"], b["actions"], outcomes, self.generator,
+                                         self.outcome_weights), None
         if not self.all_finite(losses["total"]):
             self.skipped += 1
             return {k: float("nan") for k in losses}
@@ -251,7 +266,8 @@ class Trainer:
         out = {k: v.item() for k, v in losses.items()}
         out.update(grad_norm=norm.item())
         if noisy is not None:
-            den = self.net("denoiser", noisy)
+            with self.mixed_precision():
+                den = self.net("denoiser", noisy)
             self.den_opt.zero_grad(set_to_none=True)
             den.backward()
             self.den_opt.step()
@@ -272,13 +288,13 @@ class Trainer:
 
     def _resume(self) -> None:
         ckpt = checkpoint_dir_to_resume(self.out) if self.rank == 0 else self.out / CHECKPOINT
-        loaded = WorldFlowModel.from_pretrained(ckpt)
+        loaded = WorldFlowModel.from_pretrained(ckpt).to(self.device)
         self.model.load_state_dict(loaded.state_dict())
-        tensors = load_file(ckpt / "optimizer.safetensors")
+        tensors = load_file(ckpt / "optimizer.safetensors", device=str(self.device))
         load_optimizer("ae", self.ae_opt, tensors)
         load_optimizer("flow", self.flow_opt, tensors)
         load_optimizer("denoiser", self.den_opt, tensors)
-        self.generator.set_state(tensors["rng"])
+        self.generator.set_state(tensors["rng"].cpu())
         state = json.loads((ckpt / "trainer.json").read_text())
         self.step, self.skipped = state["step"], state["skipped"]
         if self.rank == 0:
@@ -286,7 +302,7 @@ class Trainer:
 
     def _write_metrics(self, rows: list[dict]) -> None:
         path = self.out / "metrics.csv"
-        fields = ["step", "stage", "ae_mse", "ae_psnr", "ae_moved_psnr", "flow", "bits_per_dim", "reward", "terminated", "life_loss", "total",
+        fields = ["step", "stage", "ae_mse", "ae_psnr", "ae_moved_psnr", "flow", "bits_per_dim", "reward", "terminated", "events", "total",
                   "denoiser", "grad_norm", "lr"]
         new = not path.exists()
         with open(path, "a", newline="") as f:
@@ -314,7 +330,7 @@ class Trainer:
                     opt = self.ae_opt if stage == "ae" else self.flow_opt
                     self._write_metrics([dict(step=self.step, stage=stage, lr=opt.param_groups[0]["lr"], **metrics)])
                     bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()
-                                     if k in ("ae_psnr", "ae_moved_psnr", "bits_per_dim", "reward", "life_loss", "denoiser")})
+                                     if k in ("ae_psnr", "ae_moved_psnr", "bits_per_dim", "reward", "events", "denoiser")})
                 if lead and self.step % t.checkpoint_every == 0:
                     self.save()
         except KeyboardInterrupt:
@@ -328,14 +344,15 @@ class Trainer:
 
 
 def train(cfg: Config, data: str | list[str], out: str, progress: bool = True, ray_workers: int = 0,
-          ray_address: str | None = None) -> Path:
-    """Train in this process, or data-parallel on `ray_workers` Ray Train workers (gloo DDP on CPU).
+          ray_address: str | None = None, device: str = "auto") -> Path:
+    """Train in this process on `device`, or data-parallel on `ray_workers` Ray Train workers: one GPU
+    each over NCCL when the cluster has GPUs (and `device` is not "cpu"), else CPU over gloo.
 
     Under Ray every worker reads `data` and rank 0 writes `out`: on a multi-node cluster both must
     be paths every node sees (shared storage). The checkpoint is the same either way.
     """
     if ray_workers == 0:
-        return Trainer(cfg, data, out).run(progress)
+        return Trainer(cfg, data, out, device=device).run(progress)
     import os
 
     import ray
@@ -348,11 +365,15 @@ def train(cfg: Config, data: str | list[str], out: str, progress: bool = True, r
     if not ray.is_initialized():
         ray.init(address=ray_address, include_dashboard=False, log_to_driver=progress)
 
+    use_gpu = device != "cpu" and ray.cluster_resources().get("GPU", 0) >= ray_workers
+
     def worker_loop(_):
         ctx = ray.train.get_context()
-        Trainer(cfg, data, str(out), ctx.get_world_rank(), ctx.get_world_size()).run(progress)
+        # Ray Train gives each GPU worker its own device (CUDA_VISIBLE_DEVICES); torch sees it as cuda:0
+        Trainer(cfg, data, str(out), ctx.get_world_rank(), ctx.get_world_size(),
+                device="cuda" if use_gpu else "cpu").run(progress)
 
-    TorchTrainer(worker_loop, torch_config=TorchConfig(backend="gloo"),
-                 scaling_config=ScalingConfig(num_workers=ray_workers, use_gpu=False),
+    TorchTrainer(worker_loop, torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                 scaling_config=ScalingConfig(num_workers=ray_workers, use_gpu=use_gpu),
                  run_config=RunConfig(name="ray_train", storage_path=str(out))).fit()
     return out / CHECKPOINT

@@ -6,14 +6,15 @@
       -> shallow blocks: local, per frame, unconditional, alternating token order
       -> deep block: causal over the whole clip, an action token before each frame
       -> z ~ N(0, I)
-The reward (-1/0/+1) and termination heads read the deep block's per-frame hidden state and the
-frame's change from the last one (heads.py); the deep block's KV cache over a sliding window of
+The reward (-1/0/+1), termination and event heads read the deep block's per-frame hidden state and
+the frame's change from the last one (heads.py); the deep block's KV cache over a sliding window of
 past frames is the simulator's state (`WorldState`).
 Cond for frame t is the action taken before it; frame 0 gets the null action (index num_actions).
 """
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +28,20 @@ from transformers.utils import logging as hf_logging
 from .autoencoder import Autoencoder, to_frames, to_pixels
 from .config import ModelConfig
 from .denoiser import FrameDenoiser
-from .flow import TARFlowBlock, add_noise, gaussian_log_prob
-from .heads import OutcomeHeads
+from .flow import TARFlowBlock, add_noise, gaussian_log_prob, randn_on
+from .heads import HeadLogits, OutcomeHeads
 from .transformer import KVCache
 
 hf_logging.disable_progress_bar()
 SAMPLERS = ("jacobi", "sequential")
+# tensor names of worlds saved before events were generic -> today's (regex -> replacement)
+LEGACY_KEYS = {r"^heads\.life_loss\.": "heads.events."}
+
+
+def rename_legacy_key(name: str) -> str:
+    for pattern, new in LEGACY_KEYS.items():
+        name = re.sub(pattern, new, name)
+    return name
 DENOISERS = ("flow-score", "tweedie", "none")
 
 
@@ -45,11 +54,17 @@ class WorldFlowConfig(PretrainedConfig):
     model_type = "worldflow"
 
     def __init__(self, frame_size: int = 64, num_actions: int = 4, action_meanings: list | None = None,
-                 env_id: str | None = None, env_kwargs: dict | None = None, **kwargs):
+                 env_id: str | None = None, env_kwargs: dict | None = None, obs_key: str | None = None,
+                 event_names: list | None = None, **kwargs):
+        if "life_loss_horizon" in kwargs:  # a world from before events were generic: its one event
+            kwargs["event_horizon"] = kwargs.pop("life_loss_horizon")
+            kwargs["event_delay"] = kwargs.pop("life_loss_delay", 0)
+            event_names = event_names or ["life_lost"]
         for f in dataclasses.fields(ModelConfig):  # the model section of a YAML config, flattened
             setattr(self, f.name, kwargs.pop(f.name, f.default))
-        self.frame_size, self.num_actions, self.env_id = frame_size, num_actions, env_id
+        self.frame_size, self.num_actions, self.env_id, self.obs_key = frame_size, num_actions, env_id, obs_key
         self.action_meanings = action_meanings or [str(i) for i in range(num_actions)]
+        self.event_names = list(event_names or [])
         self.env_kwargs = env_kwargs or {}
         super().__init__(**kwargs)
 
@@ -62,7 +77,7 @@ class WorldState:
     last_shallow: torch.Tensor  # (B, shallow_blocks, N, D) each shallow block's input of the last frame: theirs
     last_noisy: torch.Tensor  # (B, C, h, w) last noisy latent grid: the denoiser's context
     last_clean: torch.Tensor  # (B, C, h, w) last clean (denoised) latent grid: the heads' context
-    life_loss_risk: torch.Tensor  # (B,) the life-loss head's probability at the last frame
+    event_risk: torch.Tensor  # (B, E) the event heads' probabilities at the last frame
     guidance: float | None
 
 
@@ -71,7 +86,7 @@ class Step:
     frames: torch.Tensor  # (B, S, S, 3) uint8
     reward: torch.Tensor  # (B,) predicted reward sign in {-1, 0, 1}
     terminated: torch.Tensor  # (B,) predicted probability that the episode ended
-    life_loss_risk: torch.Tensor  # (B,) predicted probability of a life lost in the window ahead (life_loss_ahead)
+    event_risk: torch.Tensor  # (B, E) predicted probability of each event in the window ahead (event_ahead)
     bits_per_dim: torch.Tensor  # (B,) the model's surprise at its own frame (latent bits/dim)
     iterations: int  # Jacobi sweeps of the deep block
 
@@ -99,7 +114,7 @@ class WorldFlowModel(PreTrainedModel):
         deep_order = ("raster", "reverse_within_frame")[c.shallow_blocks % 2]
         self.deep = TARFlowBlock(self.token_dim, c.width, c.deep_depth, c.heads, order=deep_order,
                                  num_classes=c.num_actions, tokens_per_frame=self.tokens_per_frame)
-        self.heads = OutcomeHeads(c.latent_channels, c.head_width, c.width)
+        self.heads = OutcomeHeads(c.latent_channels, c.head_width, c.width, len(c.event_names))
         self.denoiser = FrameDenoiser(c.latent_channels, c.denoiser_width)
         self.post_init()
 
@@ -111,13 +126,15 @@ class WorldFlowModel(PreTrainedModel):
         """Load `config.json` + `model.safetensors` from a directory, with clear errors when they are bad.
 
         Every tensor must match: a tensor the file lacks would be left uninitialised, not trained.
+        A world from before events were generic is read as one with the single event "life_lost".
         """
         path = Path(path)
         for name in ("config.json", "model.safetensors"):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path} is not a WorldFlow checkpoint: {name} is missing")
         try:
-            model, info = super().from_pretrained(path, *args, local_files_only=True, output_loading_info=True, **kwargs)
+            model, info = super().from_pretrained(path, *args, local_files_only=True, output_loading_info=True,
+                                                  key_mapping=LEGACY_KEYS, **kwargs)
         except Exception as e:  # safetensors / json errors deep inside transformers
             raise ValueError(f"checkpoint {path} is corrupt or incompatible: {type(e).__name__}: {e}") from None
         wrong = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -174,7 +191,8 @@ class WorldFlowModel(PreTrainedModel):
         null = self.config.num_actions
         cond = F.pad(actions.long(), (1, 0), value=null)
         if dropout > 0:
-            drop = torch.rand(cond.shape, generator=generator, device=cond.device) < dropout
+            source = generator.device if generator is not None else cond.device
+            drop = torch.rand(cond.shape, generator=generator, device=source).to(cond.device) < dropout
             cond = cond.masked_fill(drop, null)
         return cond
 
@@ -190,14 +208,14 @@ class WorldFlowModel(PreTrainedModel):
 
     def score_clip(self, frames: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None):
         """One teacher-forced pass over a real clip: the exact log-density (nats, per clip (B,)) of the
-        sigma-noised latents of `frames` under `actions`, and the heads' logits (B, T-1, 5) for its steps.
+        sigma-noised latents of `frames` under `actions`, and the heads' logits (B, T-1, ...) for its steps.
 
-        The flow models latents + N(0, sigma^2) noise; the noise is drawn from `generator` (seed 0 if
-        none is given), so the same inputs always score the same.
+        The flow models latents + N(0, sigma^2) noise; the noise is drawn from `generator` (a CPU one
+        seeded 0 if none is given), so the same inputs always score the same, on any device.
         """
         self.check_frames(frames)
         self.check_actions(actions, frames.shape[0], frames.shape[1] - 1)
-        generator = generator or torch.Generator(device=self.device).manual_seed(0)
+        generator = generator or torch.Generator().manual_seed(0)
         latents = self.frames_to_latents(frames)
         noisy = add_noise(latents, self.config.noise_sigma, generator)
         z, logdet, hidden = self.flow_forward(self.to_tokens(noisy), self.frame_conditions(actions.to(self.device)))
@@ -215,7 +233,7 @@ class WorldFlowModel(PreTrainedModel):
         Jacobian is block-triangular by frame), so the clip's density factors frame by frame."""
         self.check_frames(frames)
         self.check_actions(actions, frames.shape[0], frames.shape[1] - 1)
-        generator = generator or torch.Generator(device=self.device).manual_seed(0)
+        generator = generator or torch.Generator().manual_seed(0)
         noisy = add_noise(self.frames_to_latents(frames), self.config.noise_sigma, generator)
         z, logdet, _ = self.flow_forward(self.to_tokens(noisy), self.frame_conditions(actions.to(self.device)),
                                          per_token=True)
@@ -282,7 +300,7 @@ class WorldFlowModel(PreTrainedModel):
                        motion_weight: float = 0.0):
         """One clip batch -> dict of losses, and the noisy latents for the denoiser.
 
-        outcomes: the clip's steps (B, T-1): rewards, terminated, steps_to_life_loss (data.ClipDataset).
+        outcomes: the clip's steps (B, T-1): rewards, terminated, steps_to_event (data.ClipDataset).
         weights (from `outcome_weights`) balance the rare reward signs, endings and lost lives against
         the rest: unweighted, the heads learn to predict the majority.
 
@@ -295,8 +313,8 @@ class WorldFlowModel(PreTrainedModel):
         reaches the noisy latents; under a motion weight the plain NLL's gradient is taken on its own
         (the weighted one is not the flow's score).
         """
-        with torch.no_grad():
-            latents = self.frames_to_latents(frames)
+        with torch.no_grad():  # float32 data even under autocast: the flow's density is of these values
+            latents = self.frames_to_latents(frames).float()
         noisy = add_noise(latents, self.config.noise_sigma, generator).requires_grad_(True)
         cond = self.frame_conditions(actions, self.config.action_dropout, generator)
         z, logdet, hidden = self.flow_forward(self.to_tokens(noisy), cond, per_token=True)
@@ -317,28 +335,29 @@ class WorldFlowModel(PreTrainedModel):
         (train.train_flow false) at the cost of a forward pass. No action dropout: nothing is fitted
         that guidance would use."""
         with torch.no_grad():
-            latents = self.frames_to_latents(frames)
+            latents = self.frames_to_latents(frames).float()
             noisy = add_noise(latents, self.config.noise_sigma, generator)
             hidden = self.flow_forward(self.to_tokens(noisy), self.frame_conditions(actions))[2]
         heads = self.outcome_losses(self.outcome_logits(latents, hidden), outcomes, weights)
         return dict(**heads, total=heads["heads"])
 
-    def outcome_losses(self, logits: torch.Tensor, outcomes: dict, weights: dict | None = None) -> dict:
-        """Heads' logits (B, T-1, 5) against the clip's steps -> reward, terminated, life_loss and their sum."""
+    def outcome_losses(self, logits: HeadLogits, outcomes: dict, weights: dict | None = None) -> dict:
+        """Heads' logits (B, T-1, ...) against the clip's steps -> reward, terminated, events and their sum."""
         weights = weights or {}
-        reward = F.cross_entropy(logits[..., :3].flatten(0, 1), (outcomes["rewards"].sign().long() + 1).flatten(),
+        reward = F.cross_entropy(logits.reward.flatten(0, 1), (outcomes["rewards"].sign().long() + 1).flatten(),
                                  weight=weights.get("reward"))
-        term = F.binary_cross_entropy_with_logits(logits[..., 3], outcomes["terminated"].float(),
+        term = F.binary_cross_entropy_with_logits(logits.terminated, outcomes["terminated"].float(),
                                                   pos_weight=weights.get("terminated"))
-        life = F.binary_cross_entropy_with_logits(logits[..., 4], self.life_loss_ahead(outcomes["steps_to_life_loss"]),
-                                                  pos_weight=weights.get("life_loss"))
-        return dict(reward=reward, terminated=term, life_loss=life, heads=reward + term + life)
+        events = (F.binary_cross_entropy_with_logits(logits.events, self.event_ahead(outcomes["steps_to_event"]),
+                                                     pos_weight=weights.get("events"))
+                  if logits.events.shape[-1] else torch.zeros((), device=term.device))
+        return dict(reward=reward, terminated=term, events=events, heads=reward + term + events)
 
-    def life_loss_ahead(self, steps_to_life_loss: torch.Tensor) -> torch.Tensor:
-        """The life-loss head's target: 1.0 where a life goes between `life_loss_delay` and
-        `life_loss_delay + life_loss_horizon` steps ahead."""
-        delay = self.config.life_loss_delay
-        return ((steps_to_life_loss >= delay) & (steps_to_life_loss < delay + self.config.life_loss_horizon)).float()
+    def event_ahead(self, steps_to_event: torch.Tensor) -> torch.Tensor:
+        """The event heads' target (..., E): 1.0 where the event happens between `event_delay` and
+        `event_delay + event_horizon` steps ahead."""
+        delay = self.config.event_delay
+        return ((steps_to_event >= delay) & (steps_to_event < delay + self.config.event_horizon)).float()
 
     def moved_tokens(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 clips (B, T, S, S, 3) -> (B, T, N) bool: whether any pixel of each token's patch changed
@@ -348,25 +367,25 @@ class WorldFlowModel(PreTrainedModel):
         moved = F.max_pool2d(moved.flatten(0, 1)[:, None], side).flatten(1).view(*moved.shape[:2], -1) > 0
         return F.pad(moved, (0, 0, 1, 0), value=False)
 
-    def outcome_weights(self, rewards: torch.Tensor, terminated: torch.Tensor, steps_to_life_loss: torch.Tensor) -> dict:
-        """Balanced loss weights from a dataset's steps: each reward sign, ending vs not, and a life lost
+    def outcome_weights(self, rewards: torch.Tensor, terminated: torch.Tensor, steps_to_event: torch.Tensor) -> dict:
+        """Balanced loss weights from a dataset's steps: each reward sign, ending vs not, and each event
         ahead vs not, counts as much in total as the others (a class never seen gets the weight of one
         occurrence)."""
         counts = torch.bincount(rewards.sign().long() + 1, minlength=3).float().clamp_min(1)
 
-        def positive_weight(flags: torch.Tensor) -> torch.Tensor:
-            positives = flags.float().sum().clamp_min(1)
+        def positive_weight(flags: torch.Tensor) -> torch.Tensor:  # (L, ...) -> (...)
+            positives = flags.float().sum(0).clamp_min(1)
             return (len(flags) - positives) / positives
 
         return dict(reward=counts.max() / counts, terminated=positive_weight(terminated),
-                    life_loss=positive_weight(self.life_loss_ahead(steps_to_life_loss)))
+                    events=positive_weight(self.event_ahead(steps_to_event)))
 
-    def outcome_logits(self, latents: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """Clean clip latents (B, T, C, h, w) and deep states (B, T, W) -> logits (B, T-1, 5) of the steps
+    def outcome_logits(self, latents: torch.Tensor, hidden: torch.Tensor) -> HeadLogits:
+        """Clean clip latents (B, T, C, h, w) and deep states (B, T, W) -> logits (B, T-1, ...) of the steps
         into frames 1..T-1. The states are detached: the heads' loss never shapes the flow."""
         B, T = latents.shape[:2]
         logits = self.heads(latents[:, 1:].flatten(0, 1), latents[:, :-1].flatten(0, 1), hidden[:, 1:].detach().flatten(0, 1))
-        return logits.view(B, T - 1, -1)
+        return logits.view(B, T - 1)
 
     def denoiser_loss(self, noisy: torch.Tensor) -> torch.Tensor:
         """MSE of D(x~_t, x~_t-1) to sigma * grad NLL, from noisy.grad left by the flow loss's backward."""
@@ -414,7 +433,7 @@ class WorldFlowModel(PreTrainedModel):
             hidden = self.deep.forward_frame(x, cache, c)[2]
         # the heads on the last real frame, as training reads them: the risk a dream starts from
         previous = latents[:, -2] if W > 1 else latents[:, -1]
-        risk = torch.sigmoid(self.heads(latents[:, -1], previous, hidden[:frames.shape[0]])[:, 4])
+        risk = torch.sigmoid(self.heads(latents[:, -1], previous, hidden[:frames.shape[0]]).events)
         return WorldState(cache, tokens[:, -1], torch.stack(shallow_inputs, dim=1), noisy[:, -1], latents[:, -1],
                           risk, guidance)
 
@@ -447,7 +466,7 @@ class WorldFlowModel(PreTrainedModel):
         self.check_actions(action[:, None] if isinstance(action, torch.Tensor) else action, B, 1, "action")
         cond = action.long().to(self.device)
         if noise is None:
-            noise = torch.randn(B, self.tokens_per_frame, self.token_dim, generator=generator, device=self.device)
+            noise = randn_on((B, self.tokens_per_frame, self.token_dim), generator, self.device)
         z = temperature * noise
         # the past as it was before this frame, for the exact score (conditional rows only)
         past = state.cache.select(slice(0, B)) if denoiser == "tweedie" else None
@@ -469,10 +488,10 @@ class WorldFlowModel(PreTrainedModel):
         logits = self.heads(clean, state.last_clean, deep.hidden)
         log_p = gaussian_log_prob(z) + logdet
         state.last_solution, state.last_noisy, state.last_clean = deep.x, noisy, clean
-        state.life_loss_risk = torch.sigmoid(logits[:, 4])
+        state.event_risk = torch.sigmoid(logits.events)
         state.last_shallow = torch.stack(shallow_inputs, dim=1)
         state.cache.slide(self.tokens_per_frame + 1)  # the window is always full: drop its oldest frame
-        return Step(frames=self.latents_to_frames(clean), reward=logits[:, :3].argmax(-1) - 1,
-                    terminated=torch.sigmoid(logits[:, 3]), life_loss_risk=state.life_loss_risk,
+        return Step(frames=self.latents_to_frames(clean), reward=logits.reward.argmax(-1) - 1,
+                    terminated=torch.sigmoid(logits.terminated), event_risk=state.event_risk,
                     bits_per_dim=self.to_bits_per_dim(log_p, 1),
                     iterations=deep.iterations)

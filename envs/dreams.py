@@ -3,12 +3,12 @@
 import numpy as np
 import torch
 
+from worldflow.devices import pick_device
 from worldflow.pretrained import load_world
 from worldflow.world_model import DENOISERS, SAMPLERS
 
 
-def open_world(checkpoint, sampler: str, denoiser: str, context_frames: int | None, max_episode_steps: int,
-               device: str):
+def open_world(checkpoint, sampler: str, denoiser: str, context_frames: int | None, device: str):
     """Load a world and check the env options.
 
     -> (model, start frames, start actions, real context frames a reset uses: all shipped ones by default).
@@ -17,9 +17,7 @@ def open_world(checkpoint, sampler: str, denoiser: str, context_frames: int | No
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if denoiser not in DENOISERS:
         raise ValueError(f"denoiser must be one of {DENOISERS}, got {denoiser!r}")
-    if max_episode_steps < 1:
-        raise ValueError(f"max_episode_steps must be at least 1, got {max_episode_steps}")
-    model, frames, actions = load_world(checkpoint, device)
+    model, frames, actions = load_world(checkpoint, pick_device(device))
     shipped = frames.shape[1]
     if context_frames is not None and not 1 <= context_frames <= shipped:
         raise ValueError(f"context_frames must be in [1, {shipped}], got {context_frames}")
@@ -29,6 +27,15 @@ def open_world(checkpoint, sampler: str, denoiser: str, context_frames: int | No
 def torch_generator(np_random: np.random.Generator, device: str = "cpu") -> torch.Generator:
     """A torch stream drawn from the env's own np_random, so a seed fixes every sample."""
     return torch.Generator(device=device).manual_seed(int(np_random.integers(0, 2**63 - 1)))
+
+
+def draw_terminated(prob: torch.Tensor, generators: list | None) -> np.ndarray:
+    """The termination head's probabilities (B,) -> episode ends (B,) bool: above 0.5, or, given one
+    generator per row, drawn with that probability (a stochastic simulator's own end, from its seed)."""
+    if generators is None:
+        return (prob > 0.5).cpu().numpy()
+    draws = torch.stack([torch.rand((), generator=g, device=g.device) for g in generators])
+    return (draws.to(prob.device) < prob).cpu().numpy()
 
 
 def check_action(action, n: int, meanings: list[str]) -> int:

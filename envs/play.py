@@ -39,7 +39,7 @@ def action_for(held: set, meanings: list[str]) -> int:
 
 
 class Player:
-    """A play session: one dream pane (and the real game's beside it with `compare`), a HUD, recording."""
+    """A play-through: one dream pane (and the real game's beside it with `compare`), a HUD, recording."""
 
     def __init__(self, env, scale: int = 8, fps: int | None = None, autoplay=None, agent=None, compare: bool = False,
                  record=None, screenshot=None, seed: int | None = None):
@@ -51,7 +51,7 @@ class Player:
         self.scale = scale
         self.fps = env.metadata["render_fps"] if fps is None else fps  # 0: as fast as the model goes
         self.autoplay, self.agent = autoplay, agent
-        self.real = make_env(self.world.model.config.env_id) if compare else None
+        self.real = make_env(self.world.model.config.env_id, self.world.model.config.obs_key) if compare else None
         self.record_path = None if record is None else Path(record)
         self.screenshot = screenshot
         if self.record_path is not None and self.record_path.suffix != ".mp4":
@@ -192,7 +192,7 @@ class Player:
 
     # ---- the loop ---------------------------------------------------------------------------------
     def tick(self) -> None:
-        """One frame of the session: read input, advance the dream unless paused, draw, record."""
+        """One frame of play: read input, advance the dream unless paused, draw, record."""
         for event in self.pg.event.get():
             self.handle(event)
         if not (self.paused or self.quit):

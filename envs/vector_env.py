@@ -1,6 +1,8 @@
 """WorldFlowVectorEnv: N dreams stepped as one batched model call (a native VectorEnv, not N copies).
 
-Autoreset is NEXT_STEP (Gymnasium's default, what RLlib assumes): the step after a sub-env ends
+Spaces, rewards, events and arguments are WorldFlowEnv's, batched. `gym.make_vec` applies no
+TimeLimit to a vector entry point, so this env truncates itself after `max_episode_steps` (the
+registered 1000 unless given). Autoreset is NEXT_STEP (Gymnasium's default, what RLlib assumes): the step after a sub-env ends
 resets it, ignoring its action, and returns its first frame with reward 0. Each sub-env keeps its
 own np_random and torch stream, seeded as a single WorldFlowEnv with seed+i would be, so sub-env i
 dreams what that single env dreams.
@@ -14,9 +16,9 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
-from .dreams import check_action, open_world, start_context, torch_generator
+from .dreams import check_action, draw_terminated, open_world, start_context, torch_generator
 
-ROW_TENSORS = ("last_solution", "last_shallow", "last_noisy", "last_clean", "life_loss_risk")  # WorldState's per-row tensors besides the cache
+ROW_TENSORS = ("last_solution", "last_shallow", "last_noisy", "last_clean", "event_risk")  # WorldState's per-row tensors besides the cache
 
 
 class WorldFlowVectorEnv(gym.vector.VectorEnv):
@@ -24,24 +26,31 @@ class WorldFlowVectorEnv(gym.vector.VectorEnv):
 
     def __init__(self, num_envs: int = 1, checkpoint=None, render_mode: str | None = None, sampler: str = "jacobi",
                  denoiser: str = "flow-score", temperature: float = 1.0, guidance: float | None = None,
-                 context_frames: int | None = None, max_episode_steps: int = 1000, device: str = "cpu"):
+                 context_frames: int | None = None, max_episode_steps: int = 1000, sample_termination: bool = False,
+                 device: str = "cpu"):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"the vector env renders only 'rgb_array', got {render_mode!r}")
         if num_envs < 1:
             raise ValueError(f"num_envs must be at least 1, got {num_envs}")
+        if max_episode_steps < 1:
+            raise ValueError(f"max_episode_steps must be at least 1, got {max_episode_steps}")
         self.model, self.start_frames, self.start_actions, self.context_frames = open_world(
-            checkpoint, sampler, denoiser, context_frames, max_episode_steps, device)
+            checkpoint, sampler, denoiser, context_frames, device)
         cfg = self.model.config
         self.num_envs, self.render_mode = num_envs, render_mode
         self.sampler, self.denoiser, self.temperature, self.guidance = sampler, denoiser, temperature, guidance
-        self.max_episode_steps, self.device = max_episode_steps, device
-        self.action_meanings = list(cfg.action_meanings)
+        self.max_episode_steps, self.device = max_episode_steps, self.model.device
+        self.sample_termination = sample_termination
+        self.action_meanings, self.event_names = list(cfg.action_meanings), list(cfg.event_names)
         self.single_observation_space = spaces.Box(0, 255, (cfg.frame_size, cfg.frame_size, 3), np.uint8)
         self.single_action_space = spaces.Discrete(cfg.num_actions)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self._rngs = [seeding.np_random()[0] for _ in range(num_envs)]
         self._state = None
+
+    def get_action_meanings(self) -> list[str]:
+        return list(self.action_meanings)
 
     def _reset_row(self, i: int, options: dict | None):
         """Start sub-env i from a context; returns its one-row state and first frame."""
@@ -87,7 +96,7 @@ class WorldFlowVectorEnv(gym.vector.VectorEnv):
                                      temperature=self.temperature, noise=noise)
         frames = out.frames.cpu().numpy()
         rewards = out.reward.cpu().numpy().astype(np.float64)
-        terminated = (out.terminated > 0.5).cpu().numpy()
+        terminated = draw_terminated(out.terminated, self._torch_rngs if self.sample_termination else None)
         self._t += 1
         truncated = self._t >= self.max_episode_steps
         for i in np.flatnonzero(self._needs_reset):  # NEXT_STEP autoreset: this step starts a new episode
@@ -102,8 +111,7 @@ class WorldFlowVectorEnv(gym.vector.VectorEnv):
         return frames.copy(), rewards, terminated, truncated, infos
 
     def _risk_info(self) -> dict:
-        return {"life_loss_risk": self._state.life_loss_risk.cpu().numpy().copy(),
-                "_life_loss_risk": np.ones(self.num_envs, bool)}
+        return {"event_risk": self._state.event_risk.cpu().numpy().copy(), "_event_risk": np.ones(self.num_envs, bool)}
 
     def render(self):
         return None if self.render_mode is None or self._state is None else tuple(self._frames)

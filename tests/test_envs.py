@@ -5,6 +5,7 @@ import shutil
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 from gymnasium.utils.env_checker import check_env
 
 import worldflow  # noqa: F401  (registers WorldFlow-v0)
@@ -38,14 +39,39 @@ def test_same_seed_and_actions_give_identical_frames(world):
     assert not np.array_equal(other.step(1)[0], runs[0][1])
 
 
-def test_step_info_reports_surprise_jacobi_iterations_and_life_loss_risk(world):
+def test_step_info_reports_surprise_jacobi_iterations_and_event_risk(world):
     env = gym.make("WorldFlow-v0", checkpoint=str(world), sampler="sequential", denoiser="tweedie")
+    assert env.unwrapped.event_names == ["life_lost"]
+    assert env.unwrapped.get_action_meanings() == ["NOOP", "FIRE", "RIGHT", "LEFT"]
     _, info = env.reset(seed=0)
-    assert 0.0 < info["life_loss_risk"] < 1.0  # the head on the last real context frame
+    assert info["event_risk"].shape == (1,) and 0.0 < info["event_risk"][0] < 1.0  # the head on the last real frame
     _, reward, terminated, truncated, info = env.step(1)
     assert reward in (-1.0, 0.0, 1.0) and isinstance(terminated, bool) and not truncated
     assert np.isfinite(info["bits_per_dim"]) and info["jacobi_iterations"] >= 1
-    assert 0.0 < info["life_loss_risk"] < 1.0
+    assert 0.0 < info["event_risk"][0] < 1.0
+
+
+def test_gymnasiums_time_limit_owns_truncation(endless_world):
+    env = gym.make("WorldFlow-v0", checkpoint=str(endless_world))
+    assert env.spec.max_episode_steps == 1000  # the registered default, applied by TimeLimit
+    env = gym.make("WorldFlow-v0", checkpoint=str(endless_world), max_episode_steps=3)
+    env.reset(seed=0)
+    assert [env.step(0)[3] for _ in range(3)] == [False, False, True]
+    raw = WorldFlowEnv(checkpoint=str(endless_world))  # the env itself keeps no second limit
+    raw.reset(seed=0)
+    assert not any(raw.step(0)[3] for _ in range(5))
+
+
+def test_sampled_termination_ends_episodes_with_the_heads_probability(world):
+    env = WorldFlowEnv(checkpoint=str(world), sample_termination=True)
+    with torch.no_grad():
+        env.model.heads.out[-1].bias[3] = 0.0
+        env.model.heads.out[-1].weight[3] = 0.0  # p = 0.5 exactly, whatever the frame
+    env.reset(seed=0)
+    ends = [env.step(0)[2] for _ in range(200)]
+    assert 60 < sum(ends) < 140  # Binomial(200, 0.5): far from "never" (the threshold's answer at 0.5)
+    env.reset(seed=0)
+    assert [env.step(0)[2] for _ in range(200)] == ends  # drawn from the seeded stream
 
 
 def test_reset_from_given_real_frames(world):
@@ -66,7 +92,7 @@ def test_vector_env_is_native_and_matches_single_envs_frame_for_frame(endless_wo
     obs, infos = vec.reset(seed=10)
     ref = [env.reset(seed=10 + i) for i, env in enumerate(singles)]
     assert all(np.array_equal(obs[i], ref[i][0]) for i in range(3))
-    assert np.allclose(infos["life_loss_risk"], [info["life_loss_risk"] for _, info in ref], atol=1e-5)
+    assert np.allclose(infos["event_risk"], [info["event_risk"] for _, info in ref], atol=1e-5)
     done, resets = np.zeros(3, bool), 0
     for t in range(8):
         actions = np.array([(t + i) % 4 for i in range(3)])
@@ -79,7 +105,7 @@ def test_vector_env_is_native_and_matches_single_envs_frame_for_frame(endless_wo
                 assert (term, trunc) == (terminated[i], truncated[i])
             assert np.abs(obs[i].astype(int) - expected.astype(int)).max() <= 1  # batched float rounding
             assert rewards[i] == r
-            assert abs(infos["life_loss_risk"][i] - info["life_loss_risk"]) < 1e-4  # a reset row: its new start's
+            assert np.abs(infos["event_risk"][i] - info["event_risk"]).max() < 1e-4  # a reset row: its new start's
         done = terminated | truncated
     assert resets == 6  # every sub-env truncated at step 3 and step 6 and was reset the step after
 
@@ -112,8 +138,10 @@ def test_missing_or_corrupt_checkpoints_raise_clear_errors(world, tmp_path):
     for make in (WorldFlowEnv, WorldFlowVectorEnv):  # both envs check their options the same way
         with pytest.raises(ValueError, match="context_frames"):
             make(checkpoint=str(world), context_frames=99)
-        with pytest.raises(ValueError, match="max_episode_steps"):
-            make(checkpoint=str(world), max_episode_steps=0)
+        with pytest.raises(ValueError, match="device"):
+            make(checkpoint=str(world), device="tpu")
+    with pytest.raises(ValueError, match="max_episode_steps"):
+        WorldFlowVectorEnv(checkpoint=str(world), max_episode_steps=0)
 
 
 def _rss_kb() -> int:
@@ -122,7 +150,7 @@ def _rss_kb() -> int:
 
 
 def test_ten_thousand_steps_run_in_constant_memory(endless_world):
-    env = WorldFlowEnv(checkpoint=str(endless_world), max_episode_steps=10**9)
+    env = WorldFlowEnv(checkpoint=str(endless_world))
     env.reset(seed=0)
     cache_len = None
     for t in range(1, 10_001):
@@ -150,7 +178,7 @@ def test_dream_writes_a_readable_video_with_every_frame(world, tmp_path, suffix)
 
 def test_guided_vector_env_matches_guided_single_env(endless_world):
     vec = WorldFlowVectorEnv(num_envs=2, checkpoint=str(endless_world), guidance=1.5, max_episode_steps=2)
-    single = WorldFlowEnv(checkpoint=str(endless_world), guidance=1.5, max_episode_steps=2)
+    single = gym.make("WorldFlow-v0", checkpoint=str(endless_world), guidance=1.5, max_episode_steps=2)
     vec.reset(seed=7)
     single.reset(seed=8)  # sub-env 1
     for t, expected_reset in enumerate([False, False, True, False]):
@@ -161,10 +189,11 @@ def test_guided_vector_env_matches_guided_single_env(endless_world):
 
 
 def test_embedded_default_world_loads_with_no_arguments():
-    from worldflow.pretrained import EMBEDDED
+    from worldflow.pretrained import EMBEDDED, EMBEDDED_WORLDS
 
-    # every embedded world ships inside the package: together they stay under 30 MB
-    assert sum(p.stat().st_size for p in EMBEDDED.glob("*/*")) < 30 * 2**20
+    # every embedded world ships inside the package with its model card: together they stay under 40 MB
+    assert sum(p.stat().st_size for p in EMBEDDED.glob("*/*")) < 40 * 2**20
+    assert all((EMBEDDED / name / "README.md").is_file() for name in EMBEDDED_WORLDS)
     env = gym.make("WorldFlow-v0")
     assert env.unwrapped.model.config.env_id == "ALE/Breakout-v5"
     obs, _ = env.reset(seed=0)
@@ -188,5 +217,38 @@ def test_embedded_worlds_load_by_name_and_a_real_path_wins(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     (tmp_path / "fast").symlink_to(endless_world)  # a directory of that name: the user's own world
     assert resolve_world("fast").resolve() == endless_world.resolve()
-    with pytest.raises(FileNotFoundError, match="embedded worlds: default, fast"):
+    with pytest.raises(FileNotFoundError, match="embedded worlds: default, fast, takecover"):
         resolve_world("fastest")
+
+
+def test_worlds_saved_before_events_were_generic_load_with_their_one_event(tmp_path):
+    """The Breakout worlds were saved with a 'life_loss' head: they load as the event 'life_lost'."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from worldflow.pretrained import EMBEDDED
+    from worldflow.world_model import WorldFlowModel
+
+    old = json.loads((EMBEDDED / "default" / "config.json").read_text())
+    assert "life_loss_horizon" in old and any(k.startswith("heads.life_loss.")
+                                              for k in load_file(EMBEDDED / "default" / "model.safetensors"))
+    model = WorldFlowModel.from_pretrained(EMBEDDED / "default")
+    assert model.config.event_names == ["life_lost"] and model.config.event_horizon == old["life_loss_horizon"]
+    weights = load_file(EMBEDDED / "default" / "model.safetensors")
+    assert torch.equal(model.heads.events[2].weight, weights["heads.life_loss.2.weight"])
+    model.save_pretrained(tmp_path / "new")  # saved again: today's names, and the same model
+    again = WorldFlowModel.from_pretrained(tmp_path / "new")
+    assert "event_names" in json.loads((tmp_path / "new" / "config.json").read_text())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_the_embedded_take_cover_world_dreams_doom_with_a_damage_event():
+    env = gym.make("WorldFlow-v0", checkpoint="takecover", sample_termination=True)
+    world = env.unwrapped
+    assert world.model.config.env_id == "VizdoomTakeCover-v1" and world.model.config.obs_key == "screen"
+    assert world.get_action_meanings() == ["NOOP", "MOVE_RIGHT", "MOVE_LEFT"] and world.event_names == ["HEALTH_drop"]
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (64, 64, 3) and info["event_risk"].shape == (1,)
+    obs, reward, terminated, truncated, info = env.step(2)
+    assert reward == 1.0  # +1 a tic alive, as the real game pays

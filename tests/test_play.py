@@ -32,7 +32,7 @@ class ActionLog(gym.Wrapper):
 
 @pytest.fixture
 def env(endless_world):
-    return ActionLog(WorldFlowEnv(checkpoint=str(endless_world), max_episode_steps=10_000))
+    return ActionLog(WorldFlowEnv(checkpoint=str(endless_world)))
 
 
 def _key(kind, key):

@@ -13,4 +13,5 @@ if "WorldFlow-v0" not in _gym.registry:
         id="WorldFlow-v0",
         entry_point="worldflow.envs.world_env:WorldFlowEnv",
         vector_entry_point="worldflow.envs.vector_env:WorldFlowVectorEnv",
+        max_episode_steps=1000,  # Gymnasium's TimeLimit truncates (the env keeps no limit of its own)
     )

@@ -26,6 +26,7 @@ class AgentSpec:
     width: int = 256
     env_id: str | None = None  # the real game of the world it was trained in
     action_meanings: list | None = None
+    obs_key: str | None = None  # the image entry of the real game's Dict observations
 
 
 class ActorCritic(nn.Module):
@@ -54,8 +55,9 @@ class ActorCritic(nn.Module):
     @torch.no_grad()
     def act(self, stacks: np.ndarray, generator: torch.Generator) -> np.ndarray:
         """uint8 frame stacks (N, K, S, S, 3) -> actions (N,) sampled from the policy."""
-        logits, _ = self(torch.from_numpy(stacks))
-        return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0].numpy()
+        logits, _ = self(torch.from_numpy(stacks).to(self.policy.weight.device))
+        probs = torch.softmax(logits.float(), -1).to(generator.device)  # drawn where the generator is
+        return torch.multinomial(probs, 1, generator=generator)[:, 0].cpu().numpy()
 
 
 def lambda_returns(rewards, values, terminated, truncated, gamma: float, lam: float) -> torch.Tensor:
@@ -112,8 +114,8 @@ def load_agent(path) -> ActorCritic:
 class AgentPolicy:
     """A saved agent as the callable obs -> action that play, dream and evaluation take (one stream)."""
 
-    def __init__(self, path, seed: int | None = None):
-        self.net = load_agent(path)
+    def __init__(self, path, seed: int | None = None, device: str = "cpu"):
+        self.net = load_agent(path).to(device)
         self.generator = torch.Generator().manual_seed(seed if seed is not None else 0)
         self.stack = None
 

@@ -13,23 +13,25 @@ class RolloutWorker:
     """N dreams as one vector env, continued across calls; episodes start from real start contexts."""
 
     def __init__(self, spec: AgentSpec, checkpoint, num_envs: int, horizon: int, seed: int, worker_id: int = 0,
-                 threads: int = 0):
+                 threads: int = 0, sample_termination: bool = False, guidance: float | None = None,
+                 device: str = "cpu"):
         if threads:
             torch.set_num_threads(threads)
-        self.worker_id = worker_id
-        self.env = WorldFlowVectorEnv(num_envs=num_envs, checkpoint=checkpoint, max_episode_steps=horizon)
+        self.worker_id, self.device = worker_id, device
+        self.env = WorldFlowVectorEnv(num_envs=num_envs, checkpoint=checkpoint, max_episode_steps=horizon,
+                                      sample_termination=sample_termination, guidance=guidance, device=device)
         self.net = ActorCritic(spec).eval()
         self.generator = torch.Generator().manual_seed(seed)
         obs, info = self.env.reset(seed=seed)
         self.stack = FrameStack(obs, spec.frame_stack)
-        self.risk = info["life_loss_risk"]  # the world's life-loss risk at each dream's current frame
+        self.risk = info["event_risk"]  # (N, E) the world's event risks at each dream's current frame
         self.ended = np.zeros(num_envs, dtype=bool)  # the next step of these rows is an autoreset step
         self.episode_return = np.zeros(num_envs)
 
     @torch.no_grad()
     def rollout(self, weights: dict, steps: int) -> dict:
         """`steps` steps of every dream under the given policy weights -> a trajectory of numpy arrays:
-        stacks (T+1, N, K, S, S, 3) uint8, life_loss_risk (T+1, N) at the same frames, actions / rewards /
+        stacks (T+1, N, K, S, S, 3) uint8, event_risk (T+1, N, E) at the same frames, actions / rewards /
         terminated / truncated / reset_step (T, N), plus the returns of the episodes that ended and this
         worker's id."""
         self.net.load_state_dict(weights)
@@ -38,7 +40,7 @@ class RolloutWorker:
         for _ in range(steps):
             action = self.net.act(self.stack.frames, self.generator)
             obs, reward, term, trunc, info = self.env.step(action)
-            self.risk = info["life_loss_risk"]
+            self.risk = info["event_risk"]
             risks.append(self.risk)
             reset_step, self.ended = self.ended, term | trunc  # NEXT_STEP autoreset: a reset step ignores its action
             self.episode_return = np.where(reset_step, 0.0, self.episode_return + reward)
@@ -49,7 +51,7 @@ class RolloutWorker:
             terminated.append(term)
             truncated.append(trunc)
             resets.append(reset_step)
-        return dict(stacks=np.stack(stacks), life_loss_risk=np.stack(risks).astype(np.float32),
+        return dict(stacks=np.stack(stacks), event_risk=np.stack(risks).astype(np.float32),
                     actions=np.stack(actions), rewards=np.stack(rewards).astype(np.float32),
                     terminated=np.stack(terminated), truncated=np.stack(truncated), reset_step=np.stack(resets),
                     episode_returns=np.array(returns, np.float32), worker_id=self.worker_id)
@@ -60,11 +62,13 @@ class RolloutPool:
     fresh one with a new seed; its trajectory for that round is lost and training goes on."""
 
     def __init__(self, spec: AgentSpec, checkpoint, workers: int, num_envs: int, horizon: int, seed: int,
-                 ray_address: str | None = None):
+                 ray_address: str | None = None, sample_termination: bool = False, guidance: float | None = None,
+                 device: str = "cpu", gpus_per_worker: float = 0.0):
         self.args = (spec, None if checkpoint is None else str(checkpoint), num_envs, horizon)
+        self.options = dict(sample_termination=sample_termination, guidance=guidance, device=device)
         self.seed, self.replaced, self.remote = seed, 0, workers > 0
         if not self.remote:
-            self.workers = [RolloutWorker(*self.args, seed)]
+            self.workers = [RolloutWorker(*self.args, seed, **self.options)]
             return
         import os
 
@@ -74,11 +78,14 @@ class RolloutPool:
         if not ray.is_initialized():
             ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
         self.ray = ray
-        self.actor = ray.remote(num_cpus=1)(RolloutWorker)
+        # a worker given a GPU fraction dreams on the GPU Ray assigns it ("cuda" is that device inside it)
+        self.actor = ray.remote(num_cpus=1, num_gpus=gpus_per_worker)(RolloutWorker)
+        if gpus_per_worker > 0:
+            self.options["device"] = "cuda"
         self.workers = [self._start(i, i) for i in range(workers)]
 
     def _start(self, worker_id: int, nth: int):
-        return self.actor.remote(*self.args, self.seed * 1000 + nth, worker_id, threads=1)
+        return self.actor.remote(*self.args, self.seed * 1000 + nth, worker_id, threads=1, **self.options)
 
     def collect(self, net: ActorCritic, steps: int) -> list[dict]:
         """One trajectory from every live worker, all under the same current policy weights."""

@@ -44,16 +44,24 @@ class AgentConfig:
     width: int = 256
     seed: int = 0
     checkpoint_every: int = 10  # updates
-    # potential-based shaping (Ng et al. 1999) with the world's life-loss risk: Φ(s) = -c·risk(s) adds
-    # γΦ(s') - Φ(s) to each imagined reward. It moves credit in time and leaves the best policy of the
-    # game's rewards unchanged, which is its flaw here: the dream's rewards do not depend on the paddle
-    # (README, stages 8-12), so it can only speed up learning what those reward, and an agent learned
-    # the world's errors in the risk instead (pressing FIRE, README stage 13). Off by default.
-    life_loss_penalty: float = 0.0
+    # potential-based shaping (Ng et al. 1999) with the world's event risks: Φ(s) = -c·risk(s) (risk
+    # summed over the world's events: the expected count in the window ahead) adds γΦ(s') - Φ(s) to
+    # each imagined reward. It moves credit in time and leaves the best policy of the game's rewards
+    # unchanged, which is its flaw where the dream's rewards do not depend on play (docs/breakout.md).
+    # Off by default.
+    event_penalty: float = 0.0
     # a cost per imagined step, c·risk(s') for the state a step reaches: the expected price of a lost
-    # life, which the dream never shows as a reward or an ending. Unlike the potential it does change
-    # the best policy: fewer steps at risk (README, stage 15). Off by default.
-    life_loss_cost: float = 0.0
+    # life or of damage, which the dream may never show as a reward or an ending. Unlike the potential
+    # it does change the best policy: fewer steps at risk. Off by default.
+    event_cost: float = 0.0
+    # imagined episodes end with the termination head's probability (drawn) instead of above 0.5: for
+    # worlds whose ending is not certain from the frames (Take Cover's health is not on screen)
+    sample_termination: bool = False
+    # classifier-free guidance over actions in the dreams (WorldFlowEnv's `guidance`; None: off). A world
+    # whose dream under-reacts to actions (Take Cover: 0.8 mean pixel change between 10 steps of LEFT and
+    # of RIGHT, the real game 2.4; guidance 3 gives 2.4) teaches an agent that its actions matter less
+    # than they do. Costs a second (null-action) branch per step.
+    guidance: float | None = None
 
     def __post_init__(self):  # here, not in the CLI, so a config built in Python is checked as well
         if self.entropy < 0:
@@ -63,7 +71,7 @@ class AgentConfig:
 
 
 def shaped_rewards(rewards, risk, terminated, gamma: float, penalty: float, cost: float = 0.0) -> torch.Tensor:
-    """rewards, terminated (T, N) and the life-loss risk of every state (T+1, N) -> the imagined rewards
+    """rewards, terminated (T, N) and the event risk of every state (T+1, N) -> the imagined rewards
     with the potential's shaping γΦ(s') - Φ(s), Φ = -penalty·risk (a terminal state's potential is 0;
     over an episode it telescopes to γ^T·Φ(s_T) - Φ(s_0), no return of its own), minus cost·risk(s')."""
     return rewards + penalty * (risk[:-1] - gamma * (~terminated) * risk[1:]) - cost * risk[1:]
@@ -73,9 +81,8 @@ def a2c_loss(net: ActorCritic, batch: dict, cfg: AgentConfig):
     """Actor-critic loss on one trajectory; autoreset steps (the env ignored their action) are masked out."""
     b = {k: torch.tensor(v) for k, v in batch.items() if isinstance(v, np.ndarray)}  # copies: Ray's arrays are read-only
     logits, values = net(b["stacks"])  # (T+1, N, A), (T+1, N)
-    risk = b["life_loss_risk"]
-    rewards = shaped_rewards(b["rewards"], risk, b["terminated"], cfg.gamma, cfg.life_loss_penalty,
-                             cfg.life_loss_cost)
+    risk = b["event_risk"].sum(-1)  # (T+1, N): the expected number of events in the window ahead
+    rewards = shaped_rewards(b["rewards"], risk, b["terminated"], cfg.gamma, cfg.event_penalty, cfg.event_cost)
     returns = lambda_returns(rewards, values.detach(), b["terminated"], b["truncated"], cfg.gamma, cfg.lam)
     mask = (~b["reset_step"]).float()
     dist = torch.distributions.Categorical(logits=logits[:-1])
@@ -86,28 +93,37 @@ def a2c_loss(net: ActorCritic, batch: dict, cfg: AgentConfig):
     entropy = (dist.entropy() * mask).sum() / n
     return policy + cfg.value_coef * value - cfg.entropy * entropy, dict(
         policy=policy.item(), value=value.item(), entropy=entropy.item(),
-        life_loss_risk=((risk[1:] * mask).sum() / n).item())
+        event_risk=((risk[1:] * mask).sum() / n).item())
+
+
+# agent.json keys from before events were generic -> today's
+LEGACY_CONFIG_KEYS = {"life_loss_penalty": "event_penalty", "life_loss_cost": "event_cost"}
 
 
 def train_agent(cfg: AgentConfig, out, checkpoint=None, workers: int = 0, ray_address: str | None = None,
-                progress: bool = True) -> Path:
+                progress: bool = True, device: str = "cpu", gpus_per_worker: float = 0.0) -> Path:
+    """Train in `checkpoint`'s dream (None: the default world) into run directory `out` (resumed if it
+    holds one). Each update collects rollout_steps x envs_per_worker steps from every worker, so the
+    run does the fewest whole updates that reach `cfg.steps` (it may do a little more, never less)."""
     from tqdm import tqdm
 
     out = Path(out)
     world = load_world(checkpoint)[0].config  # fails early, here, on a bad world
     spec = AgentSpec(num_actions=world.num_actions, frame_size=world.frame_size, frame_stack=cfg.frame_stack,
-                     width=cfg.width, env_id=world.env_id, action_meanings=list(world.action_meanings))
+                     width=cfg.width, env_id=world.env_id, action_meanings=list(world.action_meanings),
+                     obs_key=world.obs_key)
     torch.manual_seed(cfg.seed)
     net = ActorCritic(spec)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, eps=1e-5)
     per_update = cfg.rollout_steps * cfg.envs_per_worker * max(workers, 1)
-    updates, update = max(1, cfg.steps // per_update), 0
+    updates, update = max(1, -(-cfg.steps // per_update)), 0
     if has_checkpoint(out):
         # a resumed run may go on for more steps, but changing any other hyperparameter would make one
         # run out of two different recipes that agent.json could not tell apart
         # (a field agent.json predates had its default then)
         try:
-            saved = {**asdict(AgentConfig()), **json.loads((out / "agent.json").read_text())["config"]}
+            recorded = json.loads((out / "agent.json").read_text())["config"]
+            saved = {**asdict(AgentConfig()), **{LEGACY_CONFIG_KEYS.get(k, k): v for k, v in recorded.items()}}
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"{out} holds an agent checkpoint but no readable agent.json ({e}): "
                              "train into a new --out") from None
@@ -122,7 +138,8 @@ def train_agent(cfg: AgentConfig, out, checkpoint=None, workers: int = 0, ray_ad
         trim_metrics(out / "metrics.csv", "update", update)
     else:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "agent.json").write_text(json.dumps(dict(config=asdict(cfg), world=str(checkpoint), workers=workers)))
+        (out / "agent.json").write_text(json.dumps(dict(config=asdict(cfg), world=str(checkpoint or "default"),
+                                                        workers=workers)))
 
     def save() -> Path:
         def write(tmp: Path) -> None:
@@ -133,10 +150,11 @@ def train_agent(cfg: AgentConfig, out, checkpoint=None, workers: int = 0, ray_ad
         return save_checkpoint_dir(out, write)
 
     # a resumed run continues the policy; its dreams restart from fresh seeds (the env state is not saved)
-    pool = RolloutPool(spec, checkpoint, workers, cfg.envs_per_worker, cfg.horizon, cfg.seed + update, ray_address)
+    pool = RolloutPool(spec, checkpoint, workers, cfg.envs_per_worker, cfg.horizon, cfg.seed + update, ray_address,
+                       cfg.sample_termination, cfg.guidance, device, gpus_per_worker)
     bar = tqdm(total=updates, initial=update, desc="agent", unit="update", disable=not progress)
     log = open(out / "metrics.csv", "a", newline="")
-    writer = csv.DictWriter(log, ["update", "frames", "loss", "policy", "value", "entropy", "life_loss_risk", "episodes",
+    writer = csv.DictWriter(log, ["update", "frames", "loss", "policy", "value", "entropy", "event_risk", "episodes",
                                   "dream_return", "workers_heard", "replaced", "seconds"])
     if log.tell() == 0:
         writer.writeheader()
@@ -163,7 +181,7 @@ def train_agent(cfg: AgentConfig, out, checkpoint=None, workers: int = 0, ray_ad
             log.flush()
             bar.update(1)
             bar.set_postfix(dream_return=row["dream_return"], entropy=f"{row['entropy']:.2f}",
-                            risk=f"{row['life_loss_risk']:.3f}")
+                            risk=f"{row['event_risk']:.3f}")
             if update % cfg.checkpoint_every == 0:
                 save()
     except KeyboardInterrupt:

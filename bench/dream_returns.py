@@ -60,7 +60,7 @@ def imagined_returns(env: WorldFlowVectorEnv, policy, horizon: int, seed: int) -
         paid = (rewards != 0) & alive
         lost += (brick_pixels(last[paid]).astype(int) - brick_pixels(obs[paid])).tolist()
         returns += rewards * alive  # a dream that ended autoresets: its next episode is not counted
-        risks.append(np.where(alive, info["life_loss_risk"], np.nan))
+        risks.append(np.where(alive, info["event_risk"][:, 0], np.nan))
         frames.append(obs)
         alive &= ~terminated
     return Imagined(returns, lost, np.stack(risks, axis=1), np.stack(frames, axis=1))

@@ -10,7 +10,7 @@ import torch
 
 from worldflow.agents import ActorCritic, AgentConfig, AgentPolicy, AgentSpec, load_agent, save_agent, train_agent
 from worldflow.agents.actor_critic import lambda_returns
-from worldflow.agents.evaluate import evaluate_agent
+from worldflow.agents.evaluate import PeriodicPolicy, evaluate_agent
 from worldflow.agents.rollouts import RolloutPool
 from worldflow.agents.scripted import FIRE, LEFT, NOOP, RIGHT, BreakoutTracker, falling_landing, landing_column
 from worldflow.cli import main
@@ -39,7 +39,7 @@ def test_lambda_returns_stop_at_termination_and_bootstrap_at_truncation():
     assert torch.allclose(lam0, rewards[:, 0] + g * values[1:, 0])
 
 
-def test_life_loss_shaping_telescopes_and_punishes_rising_risk():
+def test_event_shaping_telescopes_and_punishes_rising_risk():
     from worldflow.agents.train import shaped_rewards
 
     risk = torch.tensor([[0.1], [0.2], [0.9], [0.4]])  # (T+1, N)
@@ -54,7 +54,7 @@ def test_life_loss_shaping_telescopes_and_punishes_rising_risk():
     assert torch.equal(shaped_rewards(rewards, risk, never, g, 0.0), rewards)
 
 
-def test_life_loss_cost_charges_every_state_reached():
+def test_event_cost_charges_every_state_reached():
     from worldflow.agents.train import shaped_rewards
 
     risk = torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.9, 0.1]])  # two dreams from one state: one stays at risk
@@ -112,16 +112,23 @@ def test_two_ray_workers_feed_the_learner_and_a_killed_worker_is_replaced(endles
         pool.close()
 
 
-def test_agent_eval_plays_the_real_game_beside_random(tmp_path, capsys):
+def test_agent_eval_plays_the_real_game_beside_random_and_the_best_periodic_policy(tmp_path, capsys):
     net = ActorCritic(AgentSpec(num_actions=4, env_id="ALE/Breakout-v5"))
     save_agent(net, tmp_path / "a")
-    result = evaluate_agent(tmp_path / "a", episodes=2, max_steps=60, progress=False)
-    for name in ("agent", "random"):
+    result = evaluate_agent(tmp_path / "a", episodes=2, max_steps=60, progress=False, selection_episodes=1)
+    candidates = result["periodic_selection"]["candidates"]
+    assert len(candidates) == 4 + 6 * 5  # each constant action, each pair of actions at 5 periods
+    best = max(candidates, key=lambda c: c["mean"])  # chosen on the selection seeds, not the evaluation's
+    chosen = PeriodicPolicy(tuple(best["actions"]), best["period"]).name(["NOOP", "FIRE", "RIGHT", "LEFT"])
+    assert result["periodic_selection"]["chosen"] == chosen
+    for name in ("agent", "random", "periodic"):
         assert result[name]["episodes"] == 2 and np.isfinite(result[name]["mean"])
         fractions = result[name]["action_fractions"]
         assert list(fractions) == ["NOOP", "FIRE", "RIGHT", "LEFT"] and sum(fractions.values()) == pytest.approx(1)
-    assert main(["agent", "eval", "--agent", str(tmp_path / "a"), "--episodes", "2", "--max-steps", "30"]) == 0
+    assert main(["agent", "eval", "--agent", str(tmp_path / "a"), "--episodes", "2", "--max-steps", "30",
+                 "--selection-episodes", "0", "--json", str(tmp_path / "eval.json")]) == 0
     assert "random in ALE/Breakout-v5" in capsys.readouterr().out
+    assert json.loads((tmp_path / "eval.json").read_text())["agent"]["episodes"] == 2
     assert main(["agent", "eval", "--agent", str(tmp_path / "a"), "--env", "ALE/Pong-v5", "--episodes", "1"]) == 2
     policy = AgentPolicy(tmp_path / "a", seed=0)
     assert 0 <= policy(np.zeros((64, 64, 3), np.uint8)) < 4
@@ -203,3 +210,10 @@ def test_tracker_data_holds_more_rewards_than_random_data(breakout_data, tracker
     assert reward_rate(tracker_data) > 2 * reward_rate(breakout_data) > 0
     assert main(["collect", "--env", "ALE/Pong-v5", "--steps", "10", "--out", str(tmp_path / "p"), "--policy", "tracker"]) == 2
     assert "Breakout only" in capsys.readouterr().err
+
+
+def test_periodic_policy_holds_each_action_for_its_period():
+    policy = PeriodicPolicy((1, 2), 3)
+    assert [policy(None) for _ in range(8)] == [1, 1, 1, 2, 2, 2, 1, 1]
+    policy.reset()
+    assert policy(None) == 1 and policy.name(["NOOP", "MOVE_RIGHT", "MOVE_LEFT"]) == "MOVE_RIGHT/MOVE_LEFT every 3"

@@ -11,7 +11,13 @@ import threading
 from . import __version__
 
 # kept in step with pretrained.EMBEDDED_WORLDS (not imported: `worldflow --help` stays free of torch)
-WORLD_HELP = "run or checkpoint dir, or an embedded world: 'default' or 'fast' (default: 'default')"
+WORLD_HELP = "run or checkpoint dir, or an embedded world: 'default', 'fast' or 'takecover' (default: 'default')"
+DEFAULTS = argparse.ArgumentDefaultsHelpFormatter  # every --help shows each option's default
+DEVICE_HELP = "where the model runs: auto (CUDA when present), cpu, cuda or cuda:N"
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
 def make_policy(name: str | None, num_actions: int, seed: int | None, frame_size: int = 64):
@@ -58,13 +64,14 @@ def run_collect(args) -> None:
             name = str(Path(args.policy).resolve())
         elif "Breakout" not in args.env:
             raise ValueError(f"--policy {args.policy} plays Breakout only, not {args.env}")
-        env = make_env(args.env)
+        env = make_env(args.env, args.obs_key)
         make_policy(name, env.action_space.n, None, args.size)  # a bad policy fails here, not in a worker
         env.close()
         factory = TRACKERS[name] if name in TRACKERS else functools.partial(AgentPolicy, name)
     manifest = collect(args.env, args.steps, args.out, size=args.size, seed=args.seed, workers=args.workers,
-                       ray_address=args.ray_address, policy_factory=factory, policy_name=name)
-    print(f"{args.out}: {args.env}, {manifest['num_actions']} actions {manifest['action_meanings']}")
+                       ray_address=args.ray_address, policy_factory=factory, policy_name=name, obs_key=args.obs_key)
+    print(f"{args.out}: {args.env}, {manifest['num_actions']} actions {manifest['action_meanings']}, "
+          f"events {manifest['event_names']}")
 
 
 def run_train(args) -> None:
@@ -76,7 +83,8 @@ def run_train(args) -> None:
     cfg = load_config(args.config)
     if args.init:
         cfg.train.init = args.init
-    checkpoint = train(cfg, args.data, args.out, ray_workers=args.ray_workers, ray_address=args.ray_address)
+    checkpoint = train(cfg, args.data, args.out, ray_workers=args.ray_workers, ray_address=args.ray_address,
+                       device=args.device)
     print(f"checkpoint: {checkpoint}")
 
 
@@ -84,10 +92,11 @@ def run_dream(args) -> None:
     import gymnasium as gym
     from tqdm import tqdm
 
+    from .devices import pick_device
     from .envs.video import write_video
 
     env = gym.make("WorldFlow-v0", checkpoint=args.checkpoint, sampler=args.sampler, denoiser=args.denoiser,
-                   max_episode_steps=args.steps)
+                   max_episode_steps=args.steps, device=pick_device(args.device))
     policy = make_policy(args.policy, env.action_space.n, args.seed, env.observation_space.shape[0])
     obs, _ = env.reset(seed=args.seed)
     frames, total, episodes, done = [obs], 0.0, 1, False
@@ -110,17 +119,18 @@ def run_eval(args) -> None:
     from pathlib import Path
 
     from .collect import collect, write_json_atomic
+    from .devices import pick_device
     from .evaluate import FRESH_SEED_OFFSET, evaluate
     from .pretrained import load_world, resolve_world
     from .report import plot_psnr, plot_strip, table
 
-    model = load_world(args.checkpoint)[0]
+    model = load_world(args.checkpoint, pick_device(args.device))[0]
     out = Path(args.json)
     data, split = args.data, "val"
     if data is None:  # fresh episodes of the world's own real game: all of them are held out
         data, split = out.with_name(f"{out.stem}_data"), "all"
         collect(model.config.env_id, args.collect_steps, str(data), size=model.config.frame_size,
-                seed=FRESH_SEED_OFFSET + args.seed)
+                seed=FRESH_SEED_OFFSET + args.seed, obs_key=model.config.obs_key)
     result, strip = evaluate(model, data, split, args.horizon, args.clips, args.seed, args.temperature,
                              args.sampler, args.windows)
     plots = dict(psnr_plot=out.with_name(f"{out.stem}_psnr.png"), strip=out.with_name(f"{out.stem}_strip.png"))
@@ -135,10 +145,11 @@ def run_eval(args) -> None:
 def run_play(args) -> None:
     import gymnasium as gym
 
+    from .devices import pick_device
     from .envs.play import Player
 
     env = gym.make("WorldFlow-v0", checkpoint=args.checkpoint, sampler=args.sampler, denoiser=args.denoiser,
-                   max_episode_steps=args.episode_steps)
+                   max_episode_steps=args.episode_steps, device=pick_device(args.device))
     n, size = env.action_space.n, env.observation_space.shape[0]
     player = Player(env, scale=args.scale, fps=args.fps, autoplay=make_policy(args.autoplay, n, args.seed, size),
                     agent=make_policy(args.agent, n, args.seed, size), compare=args.compare, record=args.record,
@@ -150,13 +161,18 @@ def run_play(args) -> None:
 
 def run_agent_train(args) -> None:
     from .agents import AgentConfig, train_agent
+    from .devices import pick_device
 
     if args.workers < 0:
         raise ValueError(f"--workers must be 0 (in this process) or more, got {args.workers}")
-    chosen = {k: v for k, v in dict(life_loss_penalty=args.life_loss_penalty, life_loss_cost=args.life_loss_cost,
+    if not 0 <= args.gpus_per_worker <= 1:
+        raise ValueError(f"--gpus-per-worker is a fraction of one GPU in [0, 1], got {args.gpus_per_worker}")
+    chosen = {k: v for k, v in dict(event_penalty=args.event_penalty, event_cost=args.event_cost,
                                     entropy=args.entropy, lr=args.lr).items() if v is not None}
-    cfg = AgentConfig(steps=args.steps, envs_per_worker=args.envs, horizon=args.horizon, seed=args.seed, **chosen)
-    path = train_agent(cfg, args.out, args.checkpoint, args.workers, args.ray_address)
+    cfg = AgentConfig(steps=args.steps, envs_per_worker=args.envs, horizon=args.horizon, seed=args.seed,
+                      sample_termination=args.sample_termination, guidance=args.guidance, **chosen)
+    path = train_agent(cfg, args.out, args.checkpoint, args.workers, args.ray_address,
+                       device=pick_device(args.device), gpus_per_worker=args.gpus_per_worker)
     print(f"agent: {path}")
 
 
@@ -164,23 +180,36 @@ def run_agent_eval(args) -> None:
     import json
 
     from .agents.evaluate import evaluate_agent
+    from .collect import write_json_atomic
+    from .devices import pick_device
 
-    result = evaluate_agent(args.agent, args.env, args.episodes, args.seed, args.max_steps)
-    for name in ("agent", "random"):
+    result = evaluate_agent(args.agent, args.env, args.episodes, args.seed, args.max_steps,
+                            selection_episodes=args.selection_episodes, device=pick_device(args.device))
+    for name in ("agent", "random", "periodic"):
+        if name not in result:
+            continue
         r = result[name]
         actions = " ".join(f"{a} {f:.0%}" for a, f in r["action_fractions"].items())
-        print(f"{name:>6} in {result['env_id']}: {r['mean']:.2f} ± {r['stderr']:.2f} over {r['episodes']} episodes "
-              f"(actions: {actions})")
-    print(json.dumps(result))
+        chosen = f" [{result['periodic_selection']['chosen']}]" if name == "periodic" else ""
+        print(f"{name:>8}{chosen} in {result['env_id']}: {r['mean']:.2f} ± {r['stderr']:.2f} over {r['episodes']} "
+              f"episodes (actions: {actions})")
+    if args.json:
+        from pathlib import Path
+
+        write_json_atomic(Path(args.json), result)
+        print(f"wrote {args.json}")
+    else:
+        print(json.dumps(result))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="worldflow", description="WorldFlow: a learned simulator "
-                                     "built on autoregressive normalizing flows.")
+                                     "built on autoregressive normalizing flows.",
+                                     formatter_class=DEFAULTS)
     parser.add_argument("--version", action="version", version=f"worldflow {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("collect", help="record real episodes into atomic shards (resumes if OUT exists)")
+    p = sub.add_parser("collect", formatter_class=DEFAULTS, help="record real episodes into atomic shards (resumes if OUT exists)")
     p.add_argument("--env", required=True, help="Gymnasium pixel env id, e.g. ALE/Breakout-v5")
     p.add_argument("--steps", type=int, required=True, help="environment steps in total")
     p.add_argument("--out", required=True, help="dataset directory")
@@ -190,10 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "columns off, so it misses about half the balls) or an agent directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64, help="frames are resized to SIZE x SIZE RGB")
+    p.add_argument("--obs-key", default=None, help="the RGB image entry of Dict observations (default: the only one)")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
     p.set_defaults(handler=run_collect)
 
-    p = sub.add_parser("train", help="train a world model (resumes if OUT exists)")
+    p = sub.add_parser("train", formatter_class=DEFAULTS, help="train a world model (resumes if OUT exists)")
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/breakout.yaml")
     p.add_argument("--data", required=True, nargs="+", help="dataset directory from `worldflow collect`; "
                    "several (one game, e.g. random and tracker play) are pooled clip by clip")
@@ -203,9 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-workers", type=int, default=0, help="data-parallel Ray Train workers "
                    "(DDP over gloo; 0: train in this process, Ray is not started)")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
+    add_device(p)
     p.set_defaults(handler=run_train)
 
-    p = sub.add_parser("eval", help="measure a world on real held-out episodes: bits/dim, open-loop PSNR/SSIM, heads")
+    p = sub.add_parser("eval", formatter_class=DEFAULTS, help="measure a world on real held-out episodes: bits/dim, open-loop PSNR/SSIM, heads")
     p.add_argument("checkpoint", nargs="?", default=None, help=WORLD_HELP)
     p.add_argument("--data", default=None, help="dataset dir (its held-out episodes are used); default: "
                    "collect fresh episodes of the world's own game next to --json")
@@ -217,9 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["jacobi", "sequential"], default="jacobi")
     p.add_argument("--collect-steps", type=int, default=5000, help="real steps collected when --data is not given")
     p.add_argument("--json", default="eval.json", help="result file; the plots are written beside it")
+    add_device(p)
     p.set_defaults(handler=run_eval)
 
-    p = sub.add_parser("play", help="play a world in a pygame window (H in the window lists the keys)")
+    p = sub.add_parser("play", formatter_class=DEFAULTS, help="play a world in a pygame window (H in the window lists the keys)")
     p.add_argument("checkpoint", nargs="?", default=None, help=WORLD_HELP)
     p.add_argument("--scale", type=int, default=8, help="pixels per frame pixel (nearest neighbour)")
     p.add_argument("--fps", type=int, default=None, help="target frames/s (default: the env's render_fps; 0: uncapped)")
@@ -233,9 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--sampler", choices=["jacobi", "sequential"], default="jacobi")
     p.add_argument("--denoiser", choices=["flow-score", "tweedie", "none"], default="flow-score")
+    add_device(p)
     p.set_defaults(handler=run_play)
 
-    p = sub.add_parser("dream", help="roll out the world model under a policy and write mp4/gif")
+    p = sub.add_parser("dream", formatter_class=DEFAULTS, help="roll out the world model under a policy and write mp4/gif")
     p.add_argument("checkpoint", nargs="?", default=None, help=WORLD_HELP)
     p.add_argument("--steps", type=int, default=200, help="frames after the first (ended episodes restart)")
     p.add_argument("--out", required=True, help="clip.mp4 or clip.gif")
@@ -244,34 +277,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", choices=["jacobi", "sequential"], default="jacobi")
     p.add_argument("--denoiser", choices=["flow-score", "tweedie", "none"], default="flow-score")
+    add_device(p)
     p.set_defaults(handler=run_dream)
 
-    agent = sub.add_parser("agent", help="RL agents trained inside a world, checked in the real game")
+    agent = sub.add_parser("agent", formatter_class=DEFAULTS, help="RL agents trained inside a world, checked in the real game")
     agent_sub = agent.add_subparsers(dest="agent_command", metavar="COMMAND", required=True)
-    p = agent_sub.add_parser("train", help="train an actor-critic in the dream (resumes if OUT exists)")
+    p = agent_sub.add_parser("train", formatter_class=DEFAULTS, help="train an actor-critic in the dream (resumes if OUT exists)")
     p.add_argument("--checkpoint", default=None, help="world: " + WORLD_HELP)
     p.add_argument("--workers", type=int, default=0, help="Ray rollout actors (0: roll out in this process)")
     p.add_argument("--steps", type=int, required=True, help="imagined environment steps in total")
     p.add_argument("--envs", type=int, default=16, help="dreams batched in each worker's vector env")
     p.add_argument("--horizon", type=int, default=15, help="imagined episodes are truncated after this many steps")
-    p.add_argument("--life-loss-penalty", type=float, default=None,
-                   help="weight of the world's life-loss risk as a shaping potential (default: AgentConfig's; "
-                   "0: the game's rewards alone)")
-    p.add_argument("--life-loss-cost", type=float, default=None,
-                   help="cost per imagined step of the world's life-loss risk (default: AgentConfig's; 0: none)")
+    p.add_argument("--event-penalty", type=float, default=None,
+                   help="weight of the world's event risk (a life lost, damage) as a shaping potential "
+                   "(default: AgentConfig's, 0: the game's rewards alone)")
+    p.add_argument("--event-cost", type=float, default=None,
+                   help="cost per imagined step of the world's event risk (default: AgentConfig's, 0: none)")
+    p.add_argument("--sample-termination", action="store_true",
+                   help="imagined episodes end with the termination head's probability, not above 0.5")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance weight over actions in the dreams (off when not given)")
     p.add_argument("--entropy", type=float, default=None,
                    help="weight of the policy's entropy bonus (default: AgentConfig's, 0.001 as DIAMOND's)")
     p.add_argument("--lr", type=float, default=None, help="Adam's learning rate (default: AgentConfig's, 3e-4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="agent run directory")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPU fraction each Ray rollout actor takes")
+    add_device(p)
     p.set_defaults(handler=run_agent_train)
-    p = agent_sub.add_parser("eval", help="play the REAL game: mean return ± s.e., beside a random policy")
+    p = agent_sub.add_parser("eval", formatter_class=DEFAULTS, help="play the REAL game: mean return ± s.e., beside a random policy and "
+                             "the best state-blind periodic one")
     p.add_argument("--agent", required=True, help="agent run directory (or its latest/)")
     p.add_argument("--env", default=None, help="real env id (default: the game of the agent's world)")
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=10_000, help="cap on one episode's steps")
+    p.add_argument("--selection-episodes", type=int, default=5, help="episodes per candidate when choosing the "
+                   "periodic baseline on other seeds (0: no periodic baseline)")
+    p.add_argument("--json", default=None, help="write the result here (default: print it)")
+    add_device(p)
     p.set_defaults(handler=run_agent_eval)
     return parser
 

@@ -1,0 +1,96 @@
+"""Is the dream calibrated? The same fixed policies played in the dream and in the real game.
+
+    python bench/dream_calibration.py --checkpoint takecover [--dreams 32] [--episodes 20] [--max-steps 2100]
+
+Policies: uniform random, each action held fixed, and each pair of actions alternating every k steps
+(k in --periods). Each plays --dreams dreams (from the world's real start contexts, drawn by one
+seed; episodes end by the termination head, drawn with its probability as an agent's dreams end) and
+--episodes real episodes on fresh seeds, each capped at --max-steps. A dream that teaches ranks the
+policies as the real game does and gives random about its real return: the table prints both
+returns side by side, the rank correlation (Spearman) and random's dream / real ratio, and the JSON
+keeps every episode's return.
+"""
+
+import argparse
+import itertools
+import time
+from pathlib import Path
+
+import numpy as np
+
+from worldflow.agents.evaluate import PeriodicPolicy, play_real, random_policy, summary
+from worldflow.collect import write_json_atomic
+from worldflow.envs import WorldFlowVectorEnv
+
+FRESH_SEED = 2_000_000  # real episodes on seeds no collection used
+
+
+def policies(num_actions: int, periods: list[int], seed: int) -> dict:
+    """name -> a factory of fresh per-stream policies (obs -> action, optional reset())."""
+    out = {"random": lambda i: random_policy(num_actions, seed + i)}
+    for a in range(num_actions):
+        out[f"always {a}"] = lambda i, a=a: PeriodicPolicy((a,), 1)
+    for pair, k in itertools.product(itertools.combinations(range(num_actions), 2), periods):
+        out[f"{pair[0]}/{pair[1]} every {k}"] = lambda i, pair=pair, k=k: PeriodicPolicy(pair, k)
+    return out
+
+
+def dream_returns(env: WorldFlowVectorEnv, make_policy, max_steps: int, seed: int) -> list[float]:
+    """Each dream's first episode return under its own policy instance, capped at max_steps."""
+    obs, _ = env.reset(seed=seed)
+    streams = [make_policy(i) for i in range(env.num_envs)]
+    returns, alive = np.zeros(env.num_envs), np.ones(env.num_envs, bool)
+    for _ in range(max_steps):
+        actions = np.array([p(o) for p, o in zip(streams, obs)])
+        obs, rewards, terminated, truncated, _ = env.step(actions)
+        returns += rewards * alive
+        alive &= ~(terminated | truncated)
+        if not alive.any():
+            break
+    return returns.tolist()
+
+
+def spearman(x, y) -> float:
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="takecover")
+    parser.add_argument("--dreams", type=int, default=32)
+    parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--max-steps", type=int, default=2100, help="cap on an episode (Ha & Schmidhuber: 2100)")
+    parser.add_argument("--periods", type=int, nargs="+", default=[10, 25, 50])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench/results/dream_calibration_takecover.json")
+    args = parser.parse_args()
+
+    env = WorldFlowVectorEnv(num_envs=args.dreams, checkpoint=args.checkpoint, max_episode_steps=args.max_steps,
+                             sample_termination=True)
+    cfg = env.model.config
+    rows = []
+    for name, make in policies(cfg.num_actions, args.periods, args.seed).items():
+        start = time.perf_counter()
+        dream = summary(dream_returns(env, make, args.max_steps, args.seed))
+        real = summary(play_real(make(0), cfg.env_id, args.episodes, FRESH_SEED + args.seed, cfg.frame_size,
+                                 args.max_steps, obs_key=cfg.obs_key))
+        rows.append(dict(policy=name, dream=dream, real=real, seconds=time.perf_counter() - start))
+        print(f"{name:<16} dream {dream['mean']:7.1f} ± {dream['stderr']:5.1f}   real {real['mean']:7.1f} ± "
+              f"{real['stderr']:5.1f}   ({rows[-1]['seconds']:.0f} s)", flush=True)
+    names = {str(i): m for i, m in enumerate(cfg.action_meanings)}
+    dream_means, real_means = [r["dream"]["mean"] for r in rows], [r["real"]["mean"] for r in rows]
+    random = rows[0]
+    result = dict(checkpoint=str(args.checkpoint), env_id=cfg.env_id, action_meanings=names, dreams=args.dreams,
+                  episodes=args.episodes, max_steps=args.max_steps, rows=rows,
+                  spearman=spearman(dream_means, real_means),
+                  random_dream_over_real=random["dream"]["mean"] / random["real"]["mean"])
+    print(f"\nactions: {names}\nrank correlation (Spearman) of dream and real means: {result['spearman']:.2f}; "
+          f"random's dream / real return: {result['random_dream_over_real']:.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(args.out), result)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,9 +3,10 @@
     config.json, model.safetensors     the model (WorldFlowModel.save_pretrained)
     start_contexts.safetensors         frames (M, K, S, S, 3) uint8 and actions (M, K-1) int64:
                                        real clips that resets start from
-The embedded worlds ship inside the package at worldflow/pretrained/NAME/: "default" (what
-gym.make("WorldFlow-v0") loads) and "fast" (a quarter of the tokens, for batched dreaming); a
-checkpoint argument may name one of them instead of a path.
+The embedded worlds ship inside the package at worldflow/pretrained/NAME/, each with its model card
+(README.md): "default" (Breakout, what gym.make("WorldFlow-v0") loads), "fast" (Breakout with a
+quarter of the tokens, for batched dreaming) and "takecover" (ViZDoom Take Cover); a checkpoint
+argument may name one of them instead of a path.
 """
 
 from pathlib import Path
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 CONTEXTS = "start_contexts.safetensors"
 EMBEDDED = Path(__file__).parent / "pretrained"
-EMBEDDED_WORLDS = ("default", "fast")
+EMBEDDED_WORLDS = ("default", "fast", "takecover")
 DEFAULT_WORLD = EMBEDDED / "default"
 
 

@@ -50,8 +50,17 @@ def dream_returns(env: WorldFlowVectorEnv, make_policy, max_steps: int, seed: in
     return returns.tolist()
 
 
+def average_ranks(x) -> np.ndarray:
+    """Ranks 0..n-1 with ties sharing their mean rank."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.array([np.mean(np.flatnonzero(np.sort(x) == v)) for v in x])
+
+
 def spearman(x, y) -> float:
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    """Rank correlation with ties averaged; NaN when either side has a single value (no order to compare)."""
+    rx, ry = average_ranks(x), average_ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
@@ -80,12 +89,12 @@ def main() -> None:
               f"{real['stderr']:5.1f}   ({rows[-1]['seconds']:.0f} s)", flush=True)
     names = {str(i): m for i, m in enumerate(cfg.action_meanings)}
     dream_means, real_means = [r["dream"]["mean"] for r in rows], [r["real"]["mean"] for r in rows]
-    random = rows[0]
+    random, rho = rows[0], spearman(dream_means, real_means)
     result = dict(checkpoint=str(args.checkpoint), env_id=cfg.env_id, action_meanings=names, dreams=args.dreams,
                   episodes=args.episodes, max_steps=args.max_steps, rows=rows,
-                  spearman=spearman(dream_means, real_means),
+                  spearman=None if np.isnan(rho) else rho,  # JSON has no NaN
                   random_dream_over_real=random["dream"]["mean"] / random["real"]["mean"])
-    print(f"\nactions: {names}\nrank correlation (Spearman) of dream and real means: {result['spearman']:.2f}; "
+    print(f"\nactions: {names}\nrank correlation (Spearman) of dream and real means: {rho:.2f}; "
           f"random's dream / real return: {result['random_dream_over_real']:.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(args.out), result)

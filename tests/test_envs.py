@@ -192,7 +192,7 @@ def test_embedded_default_world_loads_with_no_arguments():
     from worldflow.pretrained import EMBEDDED, EMBEDDED_WORLDS
 
     # every embedded world ships inside the package with its model card: together they stay under 40 MB
-    assert sum(p.stat().st_size for p in EMBEDDED.glob("*/*")) < 40 * 2**20
+    assert sum(p.stat().st_size for p in EMBEDDED.rglob("*") if p.is_file()) < 40 * 2**20
     assert all((EMBEDDED / name / "README.md").is_file() for name in EMBEDDED_WORLDS)
     env = gym.make("WorldFlow-v0")
     assert env.unwrapped.model.config.env_id == "ALE/Breakout-v5"
@@ -252,3 +252,8 @@ def test_the_embedded_take_cover_world_dreams_doom_with_a_damage_event():
     assert obs.shape == (64, 64, 3) and info["event_risk"].shape == (1,)
     obs, reward, terminated, truncated, info = env.step(2)
     assert reward == 1.0  # +1 a tic alive, as the real game pays
+    from worldflow.agents import load_agent
+    from worldflow.pretrained import EMBEDDED
+
+    agent = load_agent(EMBEDDED / "takecover" / "agent")  # the agent docs/takecover.md reports, to replay
+    assert agent.spec.env_id == "VizdoomTakeCover-v1" and agent.spec.obs_key == "screen"

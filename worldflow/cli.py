@@ -12,7 +12,15 @@ from . import __version__
 
 # kept in step with pretrained.EMBEDDED_WORLDS (not imported: `worldflow --help` stays free of torch)
 WORLD_HELP = "run or checkpoint dir, or an embedded world: 'default', 'fast' or 'takecover' (default: 'default')"
-DEFAULTS = argparse.ArgumentDefaultsHelpFormatter  # every --help shows each option's default
+class DEFAULTS(argparse.HelpFormatter):
+    """--help shows each option's default, unless its help already says what the default means."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        if "default" not in text and action.option_strings and shown:
+            text += f" (default: {action.default})"
+        return text
 DEVICE_HELP = "where the model runs: auto (CUDA when present), cpu, cuda or cuda:N"
 
 
@@ -209,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"worldflow {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("collect", formatter_class=DEFAULTS, help="record real episodes into atomic shards (resumes if OUT exists)")
+    p = sub.add_parser("collect",
+        formatter_class=DEFAULTS, help="record real episodes into atomic shards (resumes if OUT exists)")
     p.add_argument("--env", required=True, help="Gymnasium pixel env id, e.g. ALE/Breakout-v5")
     p.add_argument("--steps", type=int, required=True, help="environment steps in total")
     p.add_argument("--out", required=True, help="dataset directory")
@@ -217,13 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="random", help="behaviour policy: 'random', 'tracker' (scripted Breakout "
                    "paddle that follows the ball, 25%% random actions), 'tracker-offset' (the same aiming up to 8 "
                    "columns off, so it misses about half the balls) or an agent directory")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--size", type=int, default=64, help="frames are resized to SIZE x SIZE RGB")
     p.add_argument("--obs-key", default=None, help="the RGB image entry of Dict observations (default: the only one)")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
     p.set_defaults(handler=run_collect)
 
-    p = sub.add_parser("train", formatter_class=DEFAULTS, help="train a world model (resumes if OUT exists)")
+    p = sub.add_parser("train",
+        formatter_class=DEFAULTS, help="train a world model (resumes if OUT exists)")
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/breakout.yaml")
     p.add_argument("--data", required=True, nargs="+", help="dataset directory from `worldflow collect`; "
                    "several (one game, e.g. random and tracker play) are pooled clip by clip")
@@ -236,22 +246,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_device(p)
     p.set_defaults(handler=run_train)
 
-    p = sub.add_parser("eval", formatter_class=DEFAULTS, help="measure a world on real held-out episodes: bits/dim, open-loop PSNR/SSIM, heads")
+    p = sub.add_parser("eval",
+        formatter_class=DEFAULTS, help="measure a world on real held-out episodes: bits/dim, open-loop PSNR/SSIM, heads")
     p.add_argument("checkpoint", nargs="?", default=None, help=WORLD_HELP)
     p.add_argument("--data", default=None, help="dataset dir (its held-out episodes are used); default: "
                    "collect fresh episodes of the world's own game next to --json")
     p.add_argument("--horizon", type=int, default=16, help="open-loop dream steps compared with the real ones")
     p.add_argument("--clips", type=int, default=32, help="real clips dreamed from, as one batch")
     p.add_argument("--windows", type=int, default=256, help="real windows scored for bits/dim and the heads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--temperature", type=float, default=1.0, help="scale of the sampling noise")
-    p.add_argument("--sampler", choices=["jacobi", "sequential"], default="jacobi")
+    p.add_argument("--sampler", choices=["jacobi", "sequential"], default="jacobi", help="flow inversion")
     p.add_argument("--collect-steps", type=int, default=5000, help="real steps collected when --data is not given")
     p.add_argument("--json", default="eval.json", help="result file; the plots are written beside it")
     add_device(p)
     p.set_defaults(handler=run_eval)
 
-    p = sub.add_parser("play", formatter_class=DEFAULTS, help="play a world in a pygame window (H in the window lists the keys)")
+    p = sub.add_parser("play",
+        formatter_class=DEFAULTS, help="play a world in a pygame window (H in the window lists the keys)")
     p.add_argument("checkpoint", nargs="?", default=None, help=WORLD_HELP)
     p.add_argument("--scale", type=int, default=8, help="pixels per frame pixel (nearest neighbour)")
     p.add_argument("--fps", type=int, default=None, help="target frames/s (default: the env's render_fps; 0: uncapped)")
@@ -262,27 +274,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episode-steps", type=int, default=10_000, help="a dreamed episode is truncated after N steps")
     p.add_argument("--record", default=None, help="record what is shown to clip.mp4")
     p.add_argument("--screenshot", default=None, help="save the last frame shown to a PNG on exit")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--sampler", choices=["jacobi", "sequential"], default="jacobi")
-    p.add_argument("--denoiser", choices=["flow-score", "tweedie", "none"], default="flow-score")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: none, a fresh one)")
+    p.add_argument("--sampler", choices=["jacobi", "sequential"], default="jacobi", help="flow inversion")
+    p.add_argument("--denoiser", choices=["flow-score", "tweedie", "none"], default="flow-score",
+                   help="how a dreamed frame's noise is removed")
     add_device(p)
     p.set_defaults(handler=run_play)
 
-    p = sub.add_parser("dream", formatter_class=DEFAULTS, help="roll out the world model under a policy and write mp4/gif")
+    p = sub.add_parser("dream",
+        formatter_class=DEFAULTS, help="roll out the world model under a policy and write mp4/gif")
     p.add_argument("checkpoint", nargs="?", default=None, help=WORLD_HELP)
     p.add_argument("--steps", type=int, default=200, help="frames after the first (ended episodes restart)")
     p.add_argument("--out", required=True, help="clip.mp4 or clip.gif")
     p.add_argument("--policy", default="random", help="'random', 'tracker' or 'tracker-offset' (scripted Breakout) "
                    "or an agent directory (`worldflow agent train`)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", choices=["jacobi", "sequential"], default="jacobi")
-    p.add_argument("--denoiser", choices=["flow-score", "tweedie", "none"], default="flow-score")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--sampler", choices=["jacobi", "sequential"], default="jacobi", help="flow inversion")
+    p.add_argument("--denoiser", choices=["flow-score", "tweedie", "none"], default="flow-score",
+                   help="how a dreamed frame's noise is removed")
     add_device(p)
     p.set_defaults(handler=run_dream)
 
-    agent = sub.add_parser("agent", formatter_class=DEFAULTS, help="RL agents trained inside a world, checked in the real game")
+    agent = sub.add_parser("agent",
+        formatter_class=DEFAULTS, help="RL agents trained inside a world, checked in the real game")
     agent_sub = agent.add_subparsers(dest="agent_command", metavar="COMMAND", required=True)
-    p = agent_sub.add_parser("train", formatter_class=DEFAULTS, help="train an actor-critic in the dream (resumes if OUT exists)")
+    p = agent_sub.add_parser("train",
+        formatter_class=DEFAULTS, help="train an actor-critic in the dream (resumes if OUT exists)")
     p.add_argument("--checkpoint", default=None, help="world: " + WORLD_HELP)
     p.add_argument("--workers", type=int, default=0, help="Ray rollout actors (0: roll out in this process)")
     p.add_argument("--steps", type=int, required=True, help="imagined environment steps in total")
@@ -296,22 +313,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-termination", action="store_true",
                    help="imagined episodes end with the termination head's probability, not above 0.5")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance weight over actions in the dreams (off when not given)")
+                   help="classifier-free guidance weight over actions in the dreams (default: off)")
     p.add_argument("--entropy", type=float, default=None,
                    help="weight of the policy's entropy bonus (default: AgentConfig's, 0.001 as DIAMOND's)")
     p.add_argument("--lr", type=float, default=None, help="Adam's learning rate (default: AgentConfig's, 3e-4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", required=True, help="agent run directory")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPU fraction each Ray rollout actor takes")
     add_device(p)
     p.set_defaults(handler=run_agent_train)
-    p = agent_sub.add_parser("eval", formatter_class=DEFAULTS, help="play the REAL game: mean return ± s.e., beside a random policy and "
+    p = agent_sub.add_parser("eval",
+        formatter_class=DEFAULTS, help="play the REAL game: mean return ± s.e., beside a random policy and "
                              "the best state-blind periodic one")
     p.add_argument("--agent", required=True, help="agent run directory (or its latest/)")
     p.add_argument("--env", default=None, help="real env id (default: the game of the agent's world)")
-    p.add_argument("--episodes", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--episodes", type=int, default=20, help="real episodes per policy")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--max-steps", type=int, default=10_000, help="cap on one episode's steps")
     p.add_argument("--selection-episodes", type=int, default=5, help="episodes per candidate when choosing the "
                    "periodic baseline on other seeds (0: no periodic baseline)")

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 SHARD_DIR = "episodes"
 # env-id prefixes whose environments register when a package is imported: (module, pip package)
-ENV_PLUGINS = {"ALE/": ("ale_py", "ale-py"), "Vizdoom": ("vizdoom.gymnasium_wrapper", "vizdoom (pip install 'worldflow[doom]')")}
+ENV_PLUGINS = {"ALE/": ("ale_py", "ale-py"),
+               "Vizdoom": ("vizdoom.gymnasium_wrapper", "vizdoom (pip install 'worldflow[doom]')")}
 
 
 def is_image_space(space) -> bool:

@@ -65,11 +65,19 @@ def _pick_context(model, frames, actions, np_random, options: dict | None):
     if "frames" not in options:
         i = int(np_random.integers(len(frames)))
         return frames[i:i + 1], actions[i:i + 1]
-    f = torch.as_tensor(np.asarray(options["frames"]))
+    S, n = model.config.frame_size, model.config.num_actions
+    f = np.asarray(options["frames"])
     if f.ndim == 3:
         f = f[None]
-    a = options.get("actions", np.zeros(len(f) - 1, dtype=np.int64))
-    a = torch.as_tensor(np.asarray(a))
-    model.check_frames(f[None], "options['frames']")
-    model.check_actions(a[None], 1, len(f) - 1, "options['actions']")
-    return f[None], a[None].long()
+    if f.dtype != np.uint8 or f.ndim != 4 or f.shape[1:] != (S, S, 3) or len(f) < 1:
+        raise ValueError(f"options['frames'] must be real frames as uint8 of shape (K, {S}, {S}, 3) or one frame "
+                         f"({S}, {S}, 3), with K >= 1; got {np.asarray(options['frames']).dtype} of shape "
+                         f"{np.asarray(options['frames']).shape}")
+    a = np.asarray(options.get("actions", np.zeros(len(f) - 1, dtype=np.int64)))
+    if not np.issubdtype(a.dtype, np.integer) or a.shape != (len(f) - 1,):
+        raise ValueError(f"options['actions'] must be the {len(f) - 1} integer actions taken between the "
+                         f"{len(f)} given frames, shape ({len(f) - 1},); got {a.dtype} of shape {a.shape}")
+    if a.size and (a.min() < 0 or a.max() >= n):
+        raise ValueError(f"options['actions'] must lie in [0, {n - 1}] ({n} actions: "
+                         f"{model.config.action_meanings}); got range [{a.min()}, {a.max()}]")
+    return torch.from_numpy(np.ascontiguousarray(f))[None], torch.from_numpy(a.astype(np.int64))[None]

@@ -2,9 +2,10 @@
 
 Spaces, rewards, events and arguments are WorldFlowEnv's, batched. `gym.make_vec` applies no
 TimeLimit to a vector entry point, so this env truncates itself after `max_episode_steps` (the
-registered 1000 unless given). Autoreset is NEXT_STEP (Gymnasium's default, what RLlib assumes): the step after a sub-env ends
-resets it, ignoring its action, and returns its first frame with reward 0. Each sub-env keeps its
-own np_random and torch stream, seeded as a single WorldFlowEnv with seed+i would be, so sub-env i
+registered 1000 unless given). Autoreset is NEXT_STEP (Gymnasium's default, what RLlib assumes):
+the step after a sub-env ends resets it, ignoring its action, and returns its first frame with
+reward 0. Each sub-env keeps its own np_random and torch stream (sampling noise, and drawn endings
+with `sample_termination`), seeded as a single WorldFlowEnv with seed+i would be, so sub-env i
 dreams what that single env dreams.
 """
 

@@ -79,8 +79,12 @@ def test_reset_from_given_real_frames(world):
     frames = env.unwrapped.start_frames[3, :3].numpy()
     obs, _ = env.reset(seed=0, options={"frames": frames, "actions": np.array([1, 2])})
     assert np.array_equal(obs, frames[-1])
-    with pytest.raises(ValueError, match="options\\['actions'\\]"):
+    with pytest.raises(ValueError, match="options\\['actions'\\] must lie in"):
         env.reset(options={"frames": frames, "actions": np.array([1, 9])})
+    with pytest.raises(ValueError, match=r"the 2 integer actions taken between the 3 given frames.*shape \(7,\)"):
+        env.reset(options={"frames": frames, "actions": np.zeros(7, np.int64)})
+    with pytest.raises(ValueError, match=r"uint8 of shape \(K, 64, 64, 3\).*got uint8 of shape \(10, 10, 3\)"):
+        env.reset(options={"frames": np.zeros((10, 10, 3), np.uint8)})  # the user's shape, not an internal one
     with pytest.raises(ValueError, match="unknown reset option"):
         env.reset(options={"frame": frames})
 

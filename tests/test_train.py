@@ -172,3 +172,15 @@ def test_ray_train_with_two_workers_gives_a_loadable_checkpoint(breakout_data, t
     trained, fresh = model.state_dict(), init.state_dict()
     assert any(not torch.equal(trained[k], fresh[k]) for k in fresh)  # the workers' updates reached rank 0
     assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 5  # one writer: rank 0
+
+
+def test_start_contexts_can_be_each_held_out_episodes_first_window(breakout_data):
+    from worldflow.data import ClipDataset
+    from worldflow.train import start_contexts
+
+    frames, actions = start_contexts(str(breakout_data), 4, 0.1, "episode_start")
+    firsts = {ep["frames"][0].tobytes() for ep in ClipDataset(breakout_data, 4, "val").episodes}
+    assert frames.shape[1:] == (4, 64, 64, 3) and actions.shape == (len(frames), 3)
+    assert all(f[0].numpy().tobytes() in firsts for f in frames)  # each starts where a real episode does
+    with pytest.raises(ValueError, match="train.start_contexts"):
+        config_from_dict({"train": {"start_contexts": "middle"}})

@@ -48,10 +48,11 @@ class OutcomeHeads(nn.Module):
         self.out = nn.Sequential(nn.Linear(conv_width + state_width, state_width), nn.GELU(),
                                  nn.Linear(state_width, 4))  # reward sign (3), termination (1)
         self.events = nn.Sequential(nn.Linear(conv_width + state_width, state_width), nn.GELU(),
-                                    nn.Linear(state_width, num_events))
+                                    nn.Linear(state_width, num_events)) if num_events else None
 
     def forward(self, latent: torch.Tensor, previous: torch.Tensor, state: torch.Tensor) -> HeadLogits:
         """latent, previous: (B, C, h, w) clean latent grids; state: (B, width) -> logits of B steps."""
         features = torch.cat([self.change(torch.cat([latent, latent - previous], dim=1)), state], dim=-1)
         out = self.out(features)
-        return HeadLogits(out[:, :3], out[:, 3], self.events(features))
+        events = self.events(features) if self.events is not None else features.new_zeros(len(features), 0)
+        return HeadLogits(out[:, :3], out[:, 3], events)

@@ -70,14 +70,9 @@ class RolloutPool:
         if not self.remote:
             self.workers = [RolloutWorker(*self.args, seed, **self.options)]
             return
-        import os
+        from worldflow.scale import init_ray
 
-        import ray
-
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        if not ray.is_initialized():
-            ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
-        self.ray = ray
+        self.ray = ray = init_ray(ray_address)
         # a worker given a GPU fraction dreams on the GPU Ray assigns it ("cuda" is that device inside it)
         self.actor = ray.remote(num_cpus=1, num_gpus=gpus_per_worker)(RolloutWorker)
         if gpus_per_worker > 0:

@@ -253,11 +253,9 @@ def collect(env_id: str, steps: int, out: str, size: int = 64, seed: int = 0, wo
             collect_worker(env_id, steps, str(out), size, seed, 0, on_episode=bar.update, policy_factory=policy_factory,
                            obs_key=manifest["obs_key"])
         else:
-            import ray
+            from .scale import init_ray
 
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            if not ray.is_initialized():
-                ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+            ray = init_ray(ray_address)
             # one-shot Ray tasks rather than long-lived actors: a task that dies is retried by Ray,
             # and the retry resumes from the shards its first attempt already renamed into place
             remote = ray.remote(num_cpus=1, max_retries=3)(collect_worker)

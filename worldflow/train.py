@@ -353,17 +353,15 @@ def train(cfg: Config, data: str | list[str], out: str, progress: bool = True, r
     """
     if ray_workers == 0:
         return Trainer(cfg, data, out, device=device).run(progress)
-    import os
-
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from .scale import init_ray
+
     data, out = [str(r.resolve()) for r in as_roots(data)], Path(out).resolve()  # workers do not share our cwd
     load_manifest(data)  # a missing dataset fails here, not inside every worker
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not ray.is_initialized():
-        ray.init(address=ray_address, include_dashboard=False, log_to_driver=progress)
+    init_ray(ray_address, log_to_driver=progress)
 
     use_gpu = device != "cpu" and ray.cluster_resources().get("GPU", 0) >= ray_workers
 

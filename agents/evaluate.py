@@ -74,10 +74,10 @@ class PeriodicPolicy:
         return "/".join(meanings[a] for a in self.actions) + f" every {self.period}"
 
 
-def periodic_candidates(num_actions: int) -> list[PeriodicPolicy]:
-    """Each constant action, and each pair of actions alternating every k steps for k in PERIODS."""
+def periodic_candidates(num_actions: int, periods=PERIODS) -> list[PeriodicPolicy]:
+    """Each constant action, and each pair of actions alternating every k steps for k in `periods`."""
     return ([PeriodicPolicy((a,), 1) for a in range(num_actions)]
-            + [PeriodicPolicy(pair, k) for pair in itertools.combinations(range(num_actions), 2) for k in PERIODS])
+            + [PeriodicPolicy(pair, k) for pair in itertools.combinations(range(num_actions), 2) for k in periods])
 
 
 def best_periodic(env_id: str, num_actions: int, episodes: int, seed: int, frame_size: int, max_steps: int,

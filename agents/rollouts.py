@@ -17,7 +17,7 @@ class RolloutWorker:
                  device: str = "cpu"):
         if threads:
             torch.set_num_threads(threads)
-        self.worker_id, self.device = worker_id, device
+        self.worker_id = worker_id
         self.env = WorldFlowVectorEnv(num_envs=num_envs, checkpoint=checkpoint, max_episode_steps=horizon,
                                       sample_termination=sample_termination, guidance=guidance, device=device)
         self.net = ActorCritic(spec).eval()

@@ -12,26 +12,24 @@ keeps every episode's return.
 """
 
 import argparse
-import itertools
 import time
 from pathlib import Path
 
 import numpy as np
 
-from worldflow.agents.evaluate import PeriodicPolicy, play_real, random_policy, summary
+from worldflow.agents.evaluate import PeriodicPolicy, periodic_candidates, play_real, random_policy, summary
 from worldflow.collect import write_json_atomic
 from worldflow.envs import WorldFlowVectorEnv
 
 FRESH_SEED = 2_000_000  # real episodes on seeds no collection used
 
 
-def policies(num_actions: int, periods: list[int], seed: int) -> dict:
-    """name -> a factory of fresh per-stream policies (obs -> action, optional reset())."""
-    out = {"random": lambda i: random_policy(num_actions, seed + i)}
-    for a in range(num_actions):
-        out[f"always {a}"] = lambda i, a=a: PeriodicPolicy((a,), 1)
-    for pair, k in itertools.product(itertools.combinations(range(num_actions), 2), periods):
-        out[f"{pair[0]}/{pair[1]} every {k}"] = lambda i, pair=pair, k=k: PeriodicPolicy(pair, k)
+def policies(meanings: list[str], periods: list[int], seed: int) -> dict:
+    """name -> a factory of fresh per-stream policies (obs -> action, optional reset()): random, and
+    agent eval's periodic candidates over `periods`."""
+    out = {"random": lambda i: random_policy(len(meanings), seed + i)}
+    for p in periodic_candidates(len(meanings), periods):
+        out[p.name(meanings)] = lambda i, p=p: PeriodicPolicy(p.actions, p.period)
     return out
 
 
@@ -79,7 +77,7 @@ def main() -> None:
                              sample_termination=True)
     cfg = env.model.config
     rows = []
-    for name, make in policies(cfg.num_actions, args.periods, args.seed).items():
+    for name, make in policies(list(cfg.action_meanings), args.periods, args.seed).items():
         start = time.perf_counter()
         dream = summary(dream_returns(env, make, args.max_steps, args.seed))
         real = summary(play_real(make(0), cfg.env_id, args.episodes, FRESH_SEED + args.seed, cfg.frame_size,
@@ -87,14 +85,13 @@ def main() -> None:
         rows.append(dict(policy=name, dream=dream, real=real, seconds=time.perf_counter() - start))
         print(f"{name:<16} dream {dream['mean']:7.1f} ± {dream['stderr']:5.1f}   real {real['mean']:7.1f} ± "
               f"{real['stderr']:5.1f}   ({rows[-1]['seconds']:.0f} s)", flush=True)
-    names = {str(i): m for i, m in enumerate(cfg.action_meanings)}
     dream_means, real_means = [r["dream"]["mean"] for r in rows], [r["real"]["mean"] for r in rows]
     random, rho = rows[0], spearman(dream_means, real_means)
-    result = dict(checkpoint=str(args.checkpoint), env_id=cfg.env_id, action_meanings=names, dreams=args.dreams,
+    result = dict(checkpoint=str(args.checkpoint), env_id=cfg.env_id, dreams=args.dreams,
                   episodes=args.episodes, max_steps=args.max_steps, rows=rows,
                   spearman=None if np.isnan(rho) else rho,  # JSON has no NaN
                   random_dream_over_real=random["dream"]["mean"] / random["real"]["mean"])
-    print(f"\nactions: {names}\nrank correlation (Spearman) of dream and real means: {rho:.2f}; "
+    print(f"\nrank correlation (Spearman) of dream and real means: {rho:.2f}; "
           f"random's dream / real return: {result['random_dream_over_real']:.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(args.out), result)

@@ -66,13 +66,11 @@ def _pick_context(model, frames, actions, np_random, options: dict | None):
         i = int(np_random.integers(len(frames)))
         return frames[i:i + 1], actions[i:i + 1]
     S, n = model.config.frame_size, model.config.num_actions
-    f = np.asarray(options["frames"])
-    if f.ndim == 3:
-        f = f[None]
+    given = np.asarray(options["frames"])
+    f = given[None] if given.ndim == 3 else given
     if f.dtype != np.uint8 or f.ndim != 4 or f.shape[1:] != (S, S, 3) or len(f) < 1:
         raise ValueError(f"options['frames'] must be real frames as uint8 of shape (K, {S}, {S}, 3) or one frame "
-                         f"({S}, {S}, 3), with K >= 1; got {np.asarray(options['frames']).dtype} of shape "
-                         f"{np.asarray(options['frames']).shape}")
+                         f"({S}, {S}, 3), with K >= 1; got {given.dtype} of shape {given.shape}")
     a = np.asarray(options.get("actions", np.zeros(len(f) - 1, dtype=np.int64)))
     if not np.issubdtype(a.dtype, np.integer) or a.shape != (len(f) - 1,):
         raise ValueError(f"options['actions'] must be the {len(f) - 1} integer actions taken between the "

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 SHARD_DIR = "episodes"
+# what a manifest written before these fields existed meant: random play, an image observation, ALE's lives
+OLDER_MANIFEST = dict(policy="random", obs_key=None, event_names=["life_lost"])
 # env-id prefixes whose environments register when a package is imported: (module, pip package)
 ENV_PLUGINS = {"ALE/": ("ale_py", "ale-py"),
                "Vizdoom": ("vizdoom.gymnasium_wrapper", "vizdoom (pip install 'worldflow[doom]')")}
@@ -143,6 +145,11 @@ def write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def read_manifest(path: Path) -> dict:
+    """A dataset's manifest.json, with the fields it predates filled in as OLDER_MANIFEST says."""
+    return {**OLDER_MANIFEST, **json.loads(Path(path).read_text())}
+
+
 def write_json_atomic(path: Path, obj) -> None:
     write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
@@ -171,13 +178,12 @@ def prepare_output(out: Path, env_id: str, size: int, seed: int, policy: str = "
     env.close()
     path = out / "manifest.json"
     if path.exists():
-        old = json.loads(path.read_text())
-        before_keys = dict(policy="random", obs_key=None, event_names=["life_lost"])  # older manifests' values
+        old = read_manifest(path)
         for key in ("env_id", "frame_size", "policy", "obs_key", "event_names"):
-            if old.get(key, before_keys.get(key)) != manifest[key]:
+            if old.get(key) != manifest[key]:
                 raise ValueError(f"{out} already holds a collection with {key}={old.get(key)!r}, "
                                  f"not {manifest[key]!r}: use another --out")
-        return {**old, "obs_key": manifest["obs_key"], "event_names": manifest["event_names"]}
+        return old
     (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, manifest)
     return manifest

@@ -1,7 +1,6 @@
 """Fixed-length training clips from one or more collected datasets of one game, with a held-out split
 by episode."""
 
-import json
 import zlib
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from .collect import shard_paths
+from .collect import read_manifest, shard_paths
 
 
 # what every dataset trained on together must agree on: the same game, frames and actions
@@ -32,8 +31,7 @@ def load_manifest(data) -> dict:
         path = root / "manifest.json"
         if not path.exists():
             raise FileNotFoundError(f"{root} is not a WorldFlow dataset (no manifest.json): run `worldflow collect` first")
-        # a manifest from before events were generic: its shards hold ALE's lives (load_episode)
-        manifests.append({"event_names": ["life_lost"], "obs_key": None, **json.loads(path.read_text())})
+        manifests.append(read_manifest(path))  # an older one's shards may hold ALE's lives (load_episode)
     first = manifests[0]
     for root, m in zip(roots, manifests):
         for key in SAME_GAME:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from worldflow.collect import collect, make_env, shard_paths, shard_steps
+from worldflow.cli import main
+from worldflow.collect import HeldRandom, collect, make_env, shard_paths, shard_steps
 from worldflow.data import NO_EVENT, ClipDataset, load_manifest, steps_to_event
 
 
@@ -70,6 +71,35 @@ def test_a_vizdoom_collection_reads_dict_observations_and_records_damage(takecov
         assert (ep["rewards"] == 1).all()  # Take Cover: +1 per tic alive
         if ep["terminated"][-1]:  # death: the health falls to 0 at the episode's last step
             assert ep["events"][-1, 0]
+
+
+def test_held_random_holds_each_random_action_for_one_to_max_hold_steps():
+    policy = HeldRandom(seed=3, num_actions=3, max_hold=5)
+    actions = [policy(np.zeros((64, 64, 3), np.uint8)) for _ in range(2000)]
+    assert set(actions) == {0, 1, 2}
+    runs, length = [], 1
+    for prev, cur in zip(actions, actions[1:]):
+        if cur == prev:
+            length += 1
+        else:
+            runs.append(length)
+            length = 1
+    assert max(runs) > 5  # two holds of one action can meet, so a run can exceed one hold
+    assert np.mean(runs) > 2.5  # uniform 1..5 holds (mean 3, lengthened by meetings); iid actions: 1.5
+    again = HeldRandom(seed=3, num_actions=3, max_hold=5)
+    assert [again(None) for _ in range(2000)] == actions  # seeded: a resumed collection replays it
+    with pytest.raises(ValueError, match="max_hold"):
+        HeldRandom(seed=0, num_actions=3, max_hold=0)
+
+
+def test_cli_collects_with_held_random_and_names_it_in_the_manifest(tmp_path, capsys):
+    out = tmp_path / "held"
+    assert main(["collect", "--env", "ALE/Breakout-v5", "--steps", "120", "--policy", "held-random",
+                 "--max-hold", "8", "--out", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["policy"] == "held-random (1..8 steps)"
+    assert main(["collect", "--env", "ALE/Breakout-v5", "--steps", "10", "--policy", "held-random",
+                 "--max-hold", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "--max-hold" in capsys.readouterr().err
 
 
 def test_missing_or_unknown_envs_and_non_pixel_envs_are_clear_errors():

@@ -61,7 +61,17 @@ def run_collect(args) -> None:
     from .collect import collect
 
     factory, name = None, args.policy
-    if args.policy != "random":  # rebuilt inside each worker, once per episode, from its seed
+    if args.policy == "held-random":
+        import functools
+
+        from .collect import HeldRandom, make_env
+
+        env = make_env(args.env, args.obs_key)
+        factory = functools.partial(HeldRandom, num_actions=int(env.action_space.n), max_hold=args.max_hold)
+        factory(0)  # a bad --max-hold fails here, not in a worker
+        env.close()
+        name = f"held-random (1..{args.max_hold} steps)"
+    elif args.policy != "random":  # rebuilt inside each worker, once per episode, from its seed
         import functools
 
         from .agents import AgentPolicy
@@ -223,9 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, required=True, help="environment steps in total")
     p.add_argument("--out", required=True, help="dataset directory")
     p.add_argument("--workers", type=int, default=0, help="Ray workers (0: in this process)")
-    p.add_argument("--policy", default="random", help="behaviour policy: 'random', 'tracker' (scripted Breakout "
+    p.add_argument("--policy", default="random", help="behaviour policy: 'random', 'held-random' (a random action "
+                   "held for 1..--max-hold steps), 'tracker' (scripted Breakout "
                    "paddle that follows the ball, 25%% random actions), 'tracker-offset' (the same aiming up to 8 "
                    "columns off, so it misses about half the balls) or an agent directory")
+    p.add_argument("--max-hold", type=int, default=30, help="longest hold of --policy held-random, in steps")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--size", type=int, default=64, help="frames are resized to SIZE x SIZE RGB")
     p.add_argument("--obs-key", default=None, help="the RGB image entry of Dict observations (default: the only one)")

@@ -81,6 +81,29 @@ class PixelGame(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
+class HeldRandom:
+    """A state-blind behaviour policy: a uniform random action held for a uniform 1..max_hold steps.
+
+    Uniform random play at one game tic a step (ViZDoom's frame skip 1) jitters in place: it never
+    sweeps across the room, meets a wall or dodges, so a world trained on it has never seen what
+    sustained movement does. Holding each random action for a while shows the same actions in the
+    situations a playing agent reaches, and stays as blind to the screen as random play.
+    """
+
+    def __init__(self, seed: int, num_actions: int, max_hold: int):
+        if max_hold < 1:
+            raise ValueError(f"max_hold (--max-hold) is a number of steps >= 1, got {max_hold}")
+        self.rng, self.num_actions, self.max_hold = np.random.default_rng(seed), num_actions, max_hold
+        self.action, self.left = 0, 0
+
+    def __call__(self, frame: np.ndarray) -> int:
+        if self.left == 0:
+            self.action = int(self.rng.integers(self.num_actions))
+            self.left = int(self.rng.integers(1, self.max_hold + 1))
+        self.left -= 1
+        return self.action
+
+
 def make_env(env_id: str, obs_key: str | None = None, **kwargs) -> PixelGame:
     """Any registered Gymnasium id with RGB pixels and Discrete actions (ALE and ViZDoom ids register
     themselves on first use; "module:Env-v0" imports the module), as a PixelGame."""

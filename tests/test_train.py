@@ -103,6 +103,24 @@ def test_corrupt_checkpoint_and_bad_config_give_clear_errors(tiny_run, tmp_path,
     assert "unknown config key 'model.widht'" in capsys.readouterr().err
 
 
+def test_a_config_states_only_what_differs_from_its_base(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "base.yaml").write_text("model:\n  width: 48\n  deep_depth: 3\ntrain:\n  flow_steps: 10\n")
+    (tmp_path / "world.yaml").write_text("base: recipes/base.yaml\nmodel:\n  deep_depth: 5\n")
+    cfg = load_config(tmp_path / "world.yaml")
+    assert (cfg.model.width, cfg.model.deep_depth, cfg.train.flow_steps) == (48, 5, 10)  # merged key by key
+    (tmp_path / "orphan.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(FileNotFoundError, match=r"nowhere.yaml does not exist \(base of"):
+        load_config(tmp_path / "orphan.yaml")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match="its own base"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "typo.yaml").write_text("base: world.yaml\nmodel:\n  widht: 1\n")
+    with pytest.raises(ValueError, match="unknown config key 'model.widht'"):
+        load_config(tmp_path / "typo.yaml")
+
+
 def test_fine_tune_keeps_the_autoencoder_and_trains_what_the_old_checkpoint_lacked(tiny_run, breakout_data, tmp_path):
     _, run = tiny_run
     old = tmp_path / "old"  # as written by an older model: one tensor missing, one the model no longer has

@@ -129,14 +129,38 @@ def config_from_dict(values: dict) -> Config:
     return cfg
 
 
-def load_config(path) -> Config:
+def read_config_values(path, chain: tuple = ()) -> dict:
+    """A YAML config's values, merged over those of the file its `base:` names (a path relative to it).
+
+    A config file states only what differs from its base: a shipped world's config over the shared
+    recipe, a fine-tune over the world it refines."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise FileNotFoundError(f"config file {path} does not exist" + (f" (base of {chain[-1]})" if chain else ""))
+    if path.resolve() in chain:
+        raise ValueError(f"config {path} is its own base (via {' -> '.join(map(str, chain))})")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a config must be a mapping with sections 'model' and 'train'")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise ValueError(f"{path}: 'base' must be the path of another config file, got {base!r}")
+    merged = read_config_values(path.parent / base, chain + (path.resolve(),))
+    for section, entries in values.items():
+        if isinstance(entries, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **entries}
+        else:
+            merged[section] = entries
+    return merged
+
+
+def load_config(path) -> Config:
+    values = read_config_values(path)
     try:
         return config_from_dict(values)
     except ValueError as e:

@@ -69,8 +69,11 @@ class WorldFlowVectorEnv(gym.vector.VectorEnv):
         self._torch_rngs = [None] * self.num_envs
         rows = [self._reset_row(i, options) for i in range(self.num_envs)]
         states = [state for state, _ in rows]
+        caches = [state.cache for state in states]
         self._state = states[0]
-        self._state.cache = _concat_caches([s.cache for s in states], self.guidance is not None)
+        self._state.cache = caches[0].empty_like(caches[0].batch_size * self.num_envs)
+        for i, cache in enumerate(caches):
+            self._state.cache.set_rows(self._cache_rows(i), cache)
         for name in ROW_TENSORS:
             setattr(self._state, name, torch.cat([getattr(s, name) for s in states]))
         self._frames = torch.stack([f for _, f in rows]).numpy()
@@ -78,9 +81,12 @@ class WorldFlowVectorEnv(gym.vector.VectorEnv):
         self._needs_reset = np.zeros(self.num_envs, dtype=bool)
         return self._frames.copy(), self._risk_info()
 
+    def _cache_rows(self, i: int) -> torch.Tensor:
+        """Sub-env i's rows of the batched cache: with guidance it holds [cond; null] halves."""
+        return torch.tensor([i, i + self.num_envs] if self.guidance is not None else [i])
+
     def _replace_row(self, i: int, state) -> None:
-        rows = [i, i + self.num_envs] if self.guidance is not None else [i]  # [cond; null] halves
-        self._state.cache.set_rows(torch.tensor(rows), state.cache)
+        self._state.cache.set_rows(self._cache_rows(i), state.cache)
         for name in ROW_TENSORS:
             getattr(self._state, name)[i] = getattr(state, name)[0]
 
@@ -117,15 +123,3 @@ class WorldFlowVectorEnv(gym.vector.VectorEnv):
     def render(self):
         return None if self.render_mode is None or self._state is None else tuple(self._frames)
 
-
-def _concat_caches(caches, guided: bool):
-    """One cache holding every given cache's rows; with guidance each is [cond; null] and so is the result."""
-    out = caches[0].select(slice(None))
-    for i in range(len(out.keys)):
-        for name in ("keys", "values"):
-            parts = [getattr(c, name)[i] for c in caches]
-            if guided:
-                halves = [p.chunk(2) for p in parts]
-                parts = [h[0] for h in halves] + [h[1] for h in halves]
-            getattr(out, name)[i] = torch.cat(parts)
-    return out

@@ -189,7 +189,7 @@ def test_guided_vector_env_matches_guided_single_env(endless_world):
         obs = vec.step(np.array([2, 2]))[0]
         ref = single.reset()[0] if expected_reset else single.step(2)[0]
         assert np.abs(obs[1].astype(int) - ref.astype(int)).max() <= 1, t
-    assert vec._state.cache.keys[0].shape[0] == 4  # [cond; null] rows for 2 envs
+    assert vec._state.cache.batch_size == 4  # [cond; null] rows for 2 envs
 
 
 def test_embedded_default_world_loads_with_no_arguments():

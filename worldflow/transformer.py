@@ -20,14 +20,21 @@ def rope_angles(positions: torch.Tensor, head_dim: int, base: float = 10000.0):
 
 
 # A dream step runs the same few shapes again and again (a Jacobi sweep: 64 tokens after a window of
-# 520), so the rotary tables and the chunk mask are built once per shape, not once per layer and call:
-# at batch 1 building them was a tenth of the step's ATen calls. Callers never write to them, and they
+# 520), so the rotary tables and the chunk mask are built once, not once per layer and call: at
+# batch 1 building them was a tenth of the step's ATen calls. Callers never write to them, and they
 # are made outside inference mode so a table first built there can still be used in training.
-@lru_cache(maxsize=256)
-def rope_table(start: int, length: int, head_dim: int, device: torch.device):
-    """rope_angles at positions start..start+length-1."""
+@lru_cache(maxsize=32)
+def _rope_positions(size: int, head_dim: int, device: torch.device):
     with torch.inference_mode(False):
-        return rope_angles(torch.arange(start, start + length, device=device), head_dim)
+        return rope_angles(torch.arange(size, device=device), head_dim)
+
+
+def rope_table(start: int, length: int, head_dim: int, device: torch.device):
+    """rope_angles at positions start..start+length-1 (slices of one table per power-of-two size:
+    the same values, as each angle is its own position times the frequency)."""
+    size = 1 << max(start + length - 1, 1).bit_length()
+    cos, sin = _rope_positions(size, head_dim, device)
+    return cos[start:start + length], sin[start:start + length]
 
 
 @lru_cache(maxsize=64)
@@ -47,64 +54,117 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, per layer: (B, H, L, head_dim) each.
+    """Keys and values of the tokens seen so far, every layer's in one preallocated buffer.
 
-    Keys are stored already rotated to their positions 0..L-1. `slide(n)` drops the oldest n
-    tokens and rotates the kept keys back by n: RoPE only sees relative positions, so attention
-    scores between kept and new tokens are unchanged while positions stay bounded for ever (no
-    float drift at position 10^6). As in any sliding-window attention, kept tokens' deeper-layer
-    states still carry what they once saw of the dropped ones.
+    buffer (n_layers, 2 [keys; values], B, H, capacity, head_dim) is allocated at the first append
+    (with that key's dtype and device); the live tokens sit at buffer indices start..end-1, and a key
+    is stored rotated to its buffer index, which is its RoPE position. So appending writes in place
+    (no concatenation per token), and `slide(n)` only moves `start`: RoPE sees relative positions
+    alone, so attention scores between kept and new tokens are unchanged. When the end reaches the
+    capacity the live tokens move back to index 0 and their keys are rotated back by `start`: once
+    every few frames instead of every frame, and positions stay bounded for ever (no float drift at
+    position 10^6). As in any sliding-window attention, kept tokens' deeper-layer states still carry
+    what they once saw of the dropped ones.
     """
 
     def __init__(self, n_layers: int, head_dim: int):
-        self.keys: list[torch.Tensor | None] = [None] * n_layers
-        self.values: list[torch.Tensor | None] = [None] * n_layers
-        self.head_dim = head_dim
+        self.n_layers, self.head_dim = n_layers, head_dim
+        self.buffer: torch.Tensor | None = None
+        self.start = self.end = 0
 
     @property
     def length(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+        return self.end - self.start
+
+    @property
+    def batch_size(self) -> int:
+        return 0 if self.buffer is None else self.buffer.shape[2]
+
+    def reserve(self, n: int) -> int:
+        """Make room for n more tokens (called once per forward, before its layers append them);
+        returns the RoPE position of the first."""
+        if self.buffer is not None and self.end + n > self.buffer.shape[4]:
+            self._compact(n)
+        return self.end
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+        """Write a layer's new keys and values (B, H, n, hd) after the live tokens; returns that layer's
+        live keys and values with them, (B, H, length+n, hd) views of the buffer."""
+        n = k.shape[2]
+        if self.buffer is None:
+            self.buffer = k.new_empty((self.n_layers, 2, *k.shape[:2], max(2 * n, 64), self.head_dim))
+        elif k.dtype != self.buffer.dtype or k.shape[:2] != self.buffer.shape[2:4]:
+            raise ValueError(f"keys {tuple(k.shape)} {k.dtype} do not fit this cache's "
+                             f"{tuple(self.buffer.shape[2:4])} {self.buffer.dtype}")
+        self.buffer[layer, 0, :, :, self.end:self.end + n] = k.detach()
+        self.buffer[layer, 1, :, :, self.end:self.end + n] = v.detach()
+        if k.requires_grad or v.requires_grad:
+            # under autograd (the flow-score reference differentiates through this frame) the next
+            # layer's in-place write would invalidate views saved for backward, so the new tokens
+            # join the (constant) past by concatenation, which saves nothing
+            past = self.buffer[layer, :, :, :, self.start:self.end]
+            return torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        live = self.buffer[layer, :, :, :, self.start:self.end + n]
+        return live[0], live[1]
+
+    def advance(self, n: int):
+        """The n tokens every layer appended are now part of the cache."""
+        self.end += n
+
+    def _compact(self, n: int):
+        """Move the live tokens to index 0 (keys rotated back by `start`), growing the buffer when
+        they and n more would fill over half of it."""
+        live = self.buffer[:, :, :, :, self.start:self.end]
+        cos, sin = rope_angles(torch.tensor([-self.start], device=live.device), self.head_dim)
+        keys, values = apply_rope(live[:, 0], cos, sin), live[:, 1].clone()
+        capacity = self.buffer.shape[4]
+        if 2 * (self.length + n) > capacity:
+            capacity = 2 * (self.length + n)
+            self.buffer = self.buffer.new_empty((*self.buffer.shape[:4], capacity, self.head_dim))
+        self.buffer[:, 0, :, :, :self.length] = keys
+        self.buffer[:, 1, :, :, :self.length] = values
+        self.start, self.end = 0, self.length
 
     def rewind(self, length: int):
         """Forget every token after the first `length` (used between Jacobi iterations)."""
-        if length == 0:
-            self.keys = [None] * len(self.keys)
-            self.values = [None] * len(self.values)
-            return
-        self.keys = [k[:, :, :length] for k in self.keys]
-        self.values = [v[:, :, :length] for v in self.values]
+        self.end = self.start + length
 
     def slide(self, n: int):
-        """Drop the oldest n tokens and shift the rest back to positions 0..L-n-1."""
-        if n <= 0:
-            return
+        """Drop the oldest n tokens."""
         if n >= self.length:
-            self.rewind(0)
-            return
-        cos, sin = rope_angles(torch.tensor([-n], device=self.keys[0].device), self.head_dim)
-        self.keys = [apply_rope(k[:, :, n:], cos, sin) for k in self.keys]
-        self.values = [v[:, :, n:] for v in self.values]
+            self.start = self.end = 0
+        elif n > 0:
+            self.start += n
+
+    def empty_like(self, batch: int) -> "KVCache":
+        """A cache of this one's length and capacity for `batch` rows, their contents unset (each is
+        written with set_rows)."""
+        out = KVCache(self.n_layers, self.head_dim)
+        out.buffer = self.buffer.new_empty((*self.buffer.shape[:2], batch, *self.buffer.shape[3:]))
+        out.start, out.end = self.start, self.end
+        return out
 
     def set_rows(self, rows, other: "KVCache") -> None:
-        """Overwrite batch rows with another cache of the same length (one env of a batch was reset)."""
+        """Overwrite batch rows with another cache of the same length (one env of a batch was reset);
+        its keys are rotated to this cache's positions."""
         if other.length != self.length:
             raise ValueError(f"cache lengths differ: {other.length} vs {self.length}")
-        for i in range(len(self.keys)):
-            self.keys[i], self.values[i] = self.keys[i].clone(), self.values[i].clone()
-            self.keys[i][rows], self.values[i][rows] = other.keys[i], other.values[i]
+        theirs = other.buffer[:, :, :, :, other.start:other.end]
+        keys = theirs[:, 0]
+        if other.start != self.start:
+            cos, sin = rope_angles(torch.tensor([self.start - other.start], device=keys.device), self.head_dim)
+            keys = apply_rope(keys, cos, sin)
+        self.buffer[:, 0, rows, :, self.start:self.end] = keys
+        self.buffer[:, 1, rows, :, self.start:self.end] = theirs[:, 1]
 
     def select(self, rows) -> "KVCache":
-        """A new cache holding only the given batch rows (an index tensor or a slice)."""
-        out = KVCache(len(self.keys), self.head_dim)
-        if self.length:
-            out.keys, out.values = [k[rows] for k in self.keys], [v[rows] for v in self.values]
+        """A new cache holding a copy of the given batch rows (an index tensor or a slice)."""
+        out = KVCache(self.n_layers, self.head_dim)
+        if self.buffer is not None:
+            picked = self.buffer[:, :, rows, :, self.start:self.end]  # a copy for an index, a view for a slice
+            out.buffer = self.buffer.new_empty((*picked.shape[:4], self.buffer.shape[4], self.head_dim))
+            out.buffer[:, :, :, :, self.start:self.end] = picked
+            out.start, out.end = self.start, self.end
         return out
 
 
@@ -155,8 +215,10 @@ class CausalTransformer(nn.Module):
         return KVCache(len(self.layers), self.head_dim)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        start = 0 if cache is None else cache.length
+        start = 0 if cache is None else cache.reserve(x.shape[1])
         cos, sin = rope_table(start, x.shape[1], self.head_dim, x.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.advance(x.shape[1])
         return self.norm(x)

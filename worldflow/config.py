@@ -1,7 +1,9 @@
 """Model and training configuration: YAML files checked key by key against these dataclasses.
 
 A config describes the model and its training, never the game: action count and meanings come
-from the dataset's manifest, so any config trains on any collected game.
+from the dataset's manifest, so any config trains on any collected game. The defaults here are the
+shipped recipe (the default world's shape and schedule, sized for 2 CPU cores); a config file states
+only what differs from them, or from the file its `base:` names.
 """
 
 import dataclasses
@@ -14,11 +16,11 @@ import yaml
 @dataclass
 class ModelConfig:
     # autoencoder: frame (S, S, 3) -> latent grid (S/ae_downsample, S/ae_downsample, latent_channels)
-    latent_channels: int = 8
-    ae_downsample: int = 8
+    latent_channels: int = 4
+    ae_downsample: int = 4
     ae_width: int = 64
     ae_subpixel: bool = False  # decoder's last upsampling by PixelShuffle: cheaper, for fast worlds
-    patch: int = 1  # latent patch side per token: tokens per frame = (S / ae_downsample / patch)^2
+    patch: int = 2  # latent patch side per token: tokens per frame = (S / ae_downsample / patch)^2
     # flow: shallow per-frame blocks, then one deep block causal over the clip
     width: int = 128
     heads: int = 4
@@ -30,13 +32,12 @@ class ModelConfig:
     context_frames: int = 8  # sliding window of the deep block's KV cache, in frames
     denoiser_width: int = 64
     head_width: int = 32  # reward / termination heads' convolutions over the frame's change
-    # the event heads predict "the event happens within this many steps"; in Breakout a life goes 7-10
-    # steps after the ball leaves the field, so 12 reaches back to the paddle's miss itself
+    # the event heads predict "the event happens within this many steps": long enough to reach back
+    # from the event to the play that caused it (docs/breakout.md: a lost life, 7-10 steps after a miss)
     event_horizon: int = 12
     # ...counted from this many steps ahead: the heads predict an event in [delay, delay + horizon)
-    # steps. With a game's own delay (Breakout: 7-10 steps from a miss to the lost life), the steps
-    # where the outcome is already decided fall outside the window, so no action in a dream can lower
-    # a risk that is already spent.
+    # steps. With a game's own delay between cause and event, the steps where the outcome is already
+    # decided fall outside the window, so no action in a dream can lower a risk that is already spent.
     event_delay: int = 0
 
 
@@ -44,15 +45,15 @@ class ModelConfig:
 class TrainConfig:
     seed: int = 0
     clip_frames: int = 8
-    batch_size: int = 16
-    ae_steps: int = 2000
+    batch_size: int = 8
+    ae_steps: int = 1500
     ae_lr: float = 1e-3
     # weight of the reconstruction MSE over pixels that changed since the previous frame (the moving
-    # ball and paddle), added to the full-frame MSE: without it the autoencoder drops small sprites
+    # sprites), added to the full-frame MSE: without it the autoencoder drops small sprites
     ae_motion_weight: float = 1.0
-    flow_steps: int = 5000
+    flow_steps: int = 8000
     # extra weight of the flow's per-token NLL where the frame changed since the previous one
-    # (WorldFlowModel.compute_losses): Breakout's ball and paddle are a few of 64 tokens, and the
+    # (WorldFlowModel.compute_losses): small moving sprites are a few of a frame's tokens, and the
     # static rest dominates a plain likelihood. 0 = the plain likelihood.
     flow_motion_weight: float = 0.0
     # false: the flow stage fits only the reward / termination / life-loss heads, on a fixed flow and
@@ -60,7 +61,7 @@ class TrainConfig:
     train_flow: bool = True
     lr: float = 3e-4
     denoiser_lr: float = 3e-4
-    warmup_steps: int = 100
+    warmup_steps: int = 200
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     skip_grad_norm: float = 100.0  # skip an update whose gradient norm is this far above the clip

@@ -60,6 +60,9 @@ class WorldFlowVectorEnv(gym.vector.VectorEnv):
         self._torch_rngs[i] = torch_generator(self._rngs[i], self.device)
         return self.model.start(frames, actions, self._torch_rngs[i], self.guidance), frames[0, -1]
 
+    # The dream's tensors are made in inference mode (WorldFlowModel.start / sample_next), which allows
+    # in-place writes to them only inside it: resets that write rows into the batch state run there too.
+    @torch.inference_mode()
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
         if seed is not None:
             seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, int) else list(seed)
@@ -90,6 +93,7 @@ class WorldFlowVectorEnv(gym.vector.VectorEnv):
         for name in ROW_TENSORS:
             getattr(self._state, name)[i] = getattr(state, name)[0]
 
+    @torch.inference_mode()
     def step(self, actions):
         if self._state is None:
             raise RuntimeError("call reset() before step()")

@@ -28,7 +28,7 @@ from transformers.utils import logging as hf_logging
 from .autoencoder import Autoencoder, to_frames, to_pixels
 from .config import ModelConfig
 from .denoiser import FrameDenoiser
-from .flow import TARFlowBlock, add_noise, gaussian_log_prob, randn_on
+from .flow import JACOBI_TOL, TARFlowBlock, add_noise, gaussian_log_prob, randn_on
 from .heads import HeadLogits, OutcomeHeads
 from .transformer import KVCache
 
@@ -254,7 +254,7 @@ class WorldFlowModel(PreTrainedModel):
         return self.flow_forward(tokens, self.frame_conditions(actions.to(self.device)))[0]
 
     @torch.no_grad()
-    def flow_inverse(self, z: torch.Tensor, cond: torch.Tensor, sampler: str = "jacobi", tol: float = 1e-3):
+    def flow_inverse(self, z: torch.Tensor, cond: torch.Tensor, sampler: str = "jacobi", tol: float = JACOBI_TOL):
         """z (B, T, N, D) -> tokens: deep block frame by frame, then all frames' shallow blocks as one batch."""
         tokens = self.deep.inverse(z, cond, method=sampler, tol=tol).x
         for block in reversed(self.shallow):
@@ -262,7 +262,7 @@ class WorldFlowModel(PreTrainedModel):
         return tokens
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor, actions: torch.Tensor, sampler: str = "jacobi", tol: float = 1e-3):
+    def decode(self, z: torch.Tensor, actions: torch.Tensor, sampler: str = "jacobi", tol: float = JACOBI_TOL):
         """Noise z (B, T, N, D) under `actions` (B, T-1) -> frames uint8 (B, T, S, S, 3)."""
         self.check_actions(actions, z.shape[0], z.shape[1] - 1)
         tokens = self.flow_inverse(z, self.frame_conditions(actions.to(self.device)), sampler, tol)
@@ -404,7 +404,7 @@ class WorldFlowModel(PreTrainedModel):
             return x, cond
         return torch.cat([x, x]), torch.cat([cond, torch.full_like(cond, self.config.num_actions)])
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def start(self, frames: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None,
               guidance: float | None = None) -> WorldState:
         """Begin a dream from real context frames (B, K, S, S, 3) and the K-1 actions between them.
@@ -438,9 +438,12 @@ class WorldFlowModel(PreTrainedModel):
                           risk, guidance)
 
     def _tweedie(self, noisy: torch.Tensor, past: KVCache, cond: torch.Tensor) -> torch.Tensor:
-        """Exact reference: x~ + sigma^2 * grad log p(x~_t | past, action), by autograd through the flow."""
-        with torch.enable_grad():
-            x = noisy.detach().requires_grad_(True)
+        """Exact reference: x~ + sigma^2 * grad log p(x~_t | past, action), by autograd through the flow.
+
+        The dream runs in inference mode, whose tensors autograd may not record: the score is taken
+        outside it, on ordinary copies (`past` is one already)."""
+        with torch.inference_mode(False), torch.enable_grad():
+            x, cond = noisy.clone().requires_grad_(True), cond.clone()
             tokens, logdet = self.to_tokens(x)[:, None], 0.0
             for block in self.shallow:
                 tokens, ld = block(tokens)
@@ -450,13 +453,15 @@ class WorldFlowModel(PreTrainedModel):
             (score,) = torch.autograd.grad(log_p.sum(), x)
         return noisy + self.config.noise_sigma**2 * score
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample_next(self, state: WorldState, action: torch.Tensor, generator: torch.Generator | None = None,
                     sampler: str = "jacobi", denoiser: str = "flow-score", temperature: float = 1.0,
-                    tol: float = 1e-3, noise: torch.Tensor | None = None) -> Step:
+                    tol: float = JACOBI_TOL, noise: torch.Tensor | None = None) -> Step:
         """Dream the frame that follows `action` (B,) from `state`, which is advanced in place.
 
-        The frame's Gaussian noise comes from `generator`, or is given as `noise` (B, N, D).
+        The frame's Gaussian noise comes from `generator`, or is given as `noise` (B, N, D). Like `start`
+        it runs in inference mode, so what it returns are inference tensors: clone() one to write into
+        it or differentiate through it outside that mode.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -468,8 +473,10 @@ class WorldFlowModel(PreTrainedModel):
         if noise is None:
             noise = randn_on((B, self.tokens_per_frame, self.token_dim), generator, self.device)
         z = temperature * noise
-        # the past as it was before this frame, for the exact score (conditional rows only)
-        past = state.cache.select(slice(0, B)) if denoiser == "tweedie" else None
+        past = None
+        if denoiser == "tweedie":  # the past as it was before this frame (conditional rows only), an ordinary copy
+            with torch.inference_mode(False):
+                past = state.cache.select(slice(0, B))
         deep = self.deep.invert_frame(z, state.cache, cond, method=sampler, guidance=state.guidance,
                                       init=state.last_solution, tol=tol)
         tokens, logdet, shallow_inputs = deep.x, deep.logdet, [None] * len(self.shallow)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from worldflow.cli import main
 from worldflow.config import config_from_dict, load_config
 from worldflow.data import ClipDataset
-from worldflow.train import Trainer, build_model
+from worldflow.train import Trainer, build_model, lr_at
 from worldflow.world_model import WorldFlowModel
 
 TINY = str(Path(__file__).parent.parent / "configs" / "tiny.yaml")
@@ -119,6 +119,16 @@ def test_a_config_states_only_what_differs_from_its_base(tmp_path):
     (tmp_path / "typo.yaml").write_text("base: world.yaml\nmodel:\n  widht: 1\n")
     with pytest.raises(ValueError, match="unknown config key 'model.widht'"):
         load_config(tmp_path / "typo.yaml")
+
+
+def test_optimiser_and_schedule_choices_come_from_the_config(breakout_data, tmp_path):
+    tiny = load_config(TINY).to_dict()
+    cfg = config_from_dict({"model": tiny["model"], "train": {**tiny["train"], "adam_beta2": 0.99, "min_lr_fraction": 0.25}})
+    trainer = Trainer(cfg, str(breakout_data), str(tmp_path / "run"))
+    assert all(opt.param_groups[0]["betas"] == (0.9, 0.99) for opt in (trainer.ae_opt, trainer.flow_opt, trainer.den_opt))
+    # linear warm-up to the base rate, then a cosine down to the configured fraction of it
+    assert lr_at(0, 100, 1.0, 10, 0.25) == pytest.approx(0.1) and lr_at(9, 100, 1.0, 10, 0.25) == pytest.approx(1.0)
+    assert lr_at(100, 100, 1.0, 10, 0.25) == pytest.approx(0.25) and lr_at(55, 100, 1.0, 10, 0.25) == pytest.approx(0.625)
 
 
 def test_fine_tune_keeps_the_autoencoder_and_trains_what_the_old_checkpoint_lacked(tiny_run, breakout_data, tmp_path):

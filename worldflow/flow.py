@@ -29,6 +29,10 @@ from .transformer import CausalTransformer, KVCache
 
 ORDERS = ("raster", "reverse", "reverse_within_frame")
 SOFTPLUS_ONE = 0.5413  # softplus(0.5413) == 1: with a zero-initialised head every block starts as the identity
+# Jacobi stops a row once a sweep moves it by less than this, relative: mean((new - old)^2) / mean(new^2)
+# (TARFlow's criterion; the embedded worlds' frames then agree with sequential inversion at 63-73 dB
+# on average, docs/breakout.md)
+JACOBI_TOL = 1e-3
 
 
 class Inversion(NamedTuple):
@@ -310,7 +314,7 @@ class TARFlowBlock(nn.Module):
 
     def inverse(self, z: torch.Tensor, cond: torch.Tensor | None = None, method: str = "jacobi",
                 guidance: float | None = None, init: torch.Tensor | None = None,
-                tol: float = 1e-3, max_iters: int | None = None):
+                tol: float = JACOBI_TOL, max_iters: int | None = None):
         """z (B, T, N, D) -> Inversion(x (B, T, N, D), sweeps per frame (list of T ints), logdet (B,)).
 
         Frames are solved in order (causal in time). Jacobi starts frame 0 from `init` (B, N, D)
@@ -342,13 +346,13 @@ class TARFlowBlock(nn.Module):
         """Reference inverse: one token at a time through the KV cache."""
         return self.inverse(z, cond, method="sequential", guidance=guidance).x
 
-    def jacobi_invert(self, z, cond=None, guidance=None, init=None, tol=1e-3, max_iters=None):
+    def jacobi_invert(self, z, cond=None, guidance=None, init=None, tol=JACOBI_TOL, max_iters=None):
         """Parallel inverse: each frame's tokens solved together as a fixed point."""
         return self.inverse(z, cond, "jacobi", guidance, init, tol, max_iters)
 
     def invert_frame(self, z: torch.Tensor, cache: KVCache, cond: torch.Tensor | None = None,
                      method: str = "jacobi", guidance: float | None = None, init: torch.Tensor | None = None,
-                     tol: float = 1e-3, max_iters: int | None = None):
+                     tol: float = JACOBI_TOL, max_iters: int | None = None):
         """Stream one new frame: z (B, N, D) and its condition (B,) given the earlier frames in `cache`.
 
         Appends the frame to the cache (with guidance the cache holds 2B rows: [cond; null]).
@@ -405,7 +409,7 @@ class TARFlow(nn.Module):
         z, logdet = self(x, cond)
         return 0.5 * z.pow(2).mean() - logdet.mean() / x[0].numel()
 
-    def inverse(self, z, cond=None, method="jacobi", guidance=None, tol=1e-3, max_iters=None):
+    def inverse(self, z, cond=None, method="jacobi", guidance=None, tol=JACOBI_TOL, max_iters=None):
         """z -> x through the blocks in reverse; returns x and the Jacobi sweeps per block (last block first)."""
         iters = []
         for block in reversed(self.blocks):

@@ -79,12 +79,12 @@ def init_from(model: WorldFlowModel, path: str) -> tuple[list[str], list[str]]:
     return sorted(set(target) - set(source)), sorted(set(source) - set(target))
 
 
-def lr_at(step: int, total: int, base: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of base."""
+def lr_at(step: int, total: int, base: float, warmup: int, floor: float) -> float:
+    """Linear warm-up, then cosine decay to floor * base."""
     if step < warmup:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 # ---- optimizer state as safetensors (no pickle anywhere) ------------------------------------------
@@ -174,10 +174,11 @@ class Trainer:
         steps = {k: torch.from_numpy(np.concatenate([ep[k] for ep in self.train_set.episodes]))
                  for k in OUTCOMES}
         self.outcome_weights = {k: v.to(self.device) for k, v in m.outcome_weights(**steps).items()}
-        self.ae_opt = torch.optim.AdamW(m.ae.parameters(), lr=t.ae_lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+        betas = (t.adam_beta1, t.adam_beta2)
+        self.ae_opt = torch.optim.AdamW(m.ae.parameters(), lr=t.ae_lr, betas=betas, weight_decay=t.weight_decay)
         self.flow_params = [p for mod in (*m.shallow, m.deep, m.heads) for p in mod.parameters()]
-        self.flow_opt = torch.optim.AdamW(self.flow_params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
-        self.den_opt = torch.optim.AdamW(m.denoiser.parameters(), lr=t.denoiser_lr, betas=(0.9, 0.95))
+        self.flow_opt = torch.optim.AdamW(self.flow_params, lr=t.lr, betas=betas, weight_decay=t.weight_decay)
+        self.den_opt = torch.optim.AdamW(m.denoiser.parameters(), lr=t.denoiser_lr, betas=betas)
         self.generator = torch.Generator().manual_seed(t.seed)
         self.step, self.skipped = 0, 0
         if has_checkpoint(self.out):
@@ -224,7 +225,7 @@ class Trainer:
     def ae_step(self) -> dict:
         t = self.cfg.train
         for group in self.ae_opt.param_groups:
-            group["lr"] = lr_at(self.step, t.ae_steps, t.ae_lr, t.warmup_steps)
+            group["lr"] = lr_at(self.step, t.ae_steps, t.ae_lr, t.warmup_steps, t.min_lr_fraction)
         with self.mixed_precision():
             loss, mse, moved_mse = self.net("ae", self.batch()["frames"], t.ae_motion_weight)
         self.ae_opt.zero_grad(set_to_none=True)
@@ -243,7 +244,7 @@ class Trainer:
         t = self.cfg.train
         step = self.step - t.ae_steps
         for group in self.flow_opt.param_groups:
-            group["lr"] = lr_at(step, t.flow_steps, t.lr, t.warmup_steps)
+            group["lr"] = lr_at(step, t.flow_steps, t.lr, t.warmup_steps, t.min_lr_fraction)
         b = self.batch()
         outcomes = {k: b[k] for k in OUTCOMES}
         with self.mixed_precision():

@@ -1,7 +1,7 @@
 """Does the world's likelihood know that Breakout's paddle returns the ball? Exact likelihood can ask
 without sampling.
 
-    python bench/breakout_contact_nll.py [--checkpoint RUN_OR_CKPT] [--data DIR ...] [--split val|all]
+    python docs/breakout_probes/breakout_contact_nll.py [--checkpoint RUN_OR_CKPT] [--data DIR ...] [--split val|all]
 
 From windows of held-out play (`--split all`: every episode of a collection made only to evaluate)
 where the real ball comes down to the paddle in the last context frame and the paddle, under it,
@@ -156,7 +156,7 @@ def main():
                         help="zero every flow block's head first: the same autoencoder and Gaussian prior with no "
                              "dynamics at all, whose D is what the edited pixels alone give")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "breakout_contact_nll.json"))
+    parser.add_argument("--out", default=str(Path(__file__).parents[2] / "bench" / "results" / "breakout_contact_nll.json"))
     args = parser.parse_args()
 
     model = load_breakout_world(args.checkpoint)

@@ -1,7 +1,7 @@
 """Cut every paddle contact out of Breakout collections into a dataset of its own: training data for
 an experiment that oversamples the moment the world has not learned (see breakout_contact_nll.py).
 
-    python bench/breakout_contact_clips.py --data data/breakout_tracker data/breakout_offset \
+    python docs/breakout_probes/breakout_contact_clips.py --data data/breakout_tracker data/breakout_offset \
         --out data/breakout_contacts
 
 From the training episodes only (the held-out ones stay unseen), each contact (breakout_ball.lowest_points:

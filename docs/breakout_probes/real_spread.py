@@ -1,6 +1,6 @@
 """How far apart are two REAL futures of the same state under the same actions? The bound on a dream's PSNR.
 
-    python bench/real_spread.py [--checkpoint RUN_OR_CKPT] [--states 256] [--horizon 16]
+    python docs/breakout_probes/real_spread.py [--checkpoint RUN_OR_CKPT] [--states 256] [--horizon 16]
 
 The world's real game (env id and settings from its config; Breakout v5 repeats the previous action
 with probability 0.25, "sticky actions") is played by a random policy. Every `--gap` steps the emulator
@@ -58,7 +58,7 @@ def main():
     parser.add_argument("--horizon", type=int, default=16)
     parser.add_argument("--gap", type=int, default=10, help="random steps between measured states")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "real_spread.json"))
+    parser.add_argument("--out", default=str(Path(__file__).parents[2] / "bench" / "results" / "real_spread.json"))
     args = parser.parse_args()
 
     config = WorldFlowConfig.from_pretrained(resolve_world(args.checkpoint))

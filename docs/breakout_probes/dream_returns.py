@@ -1,7 +1,7 @@
 """Do a world's imagined rewards depend on the actions? An agent trained in the dream can only learn
 what this shows.
 
-    python bench/dream_returns.py [--checkpoint RUN_OR_CKPT] [--dreams 32] [--horizon 15] [--agent DIR ...]
+    python docs/breakout_probes/dream_returns.py [--checkpoint RUN_OR_CKPT] [--dreams 32] [--horizon 15] [--agent DIR ...]
 
 Plays the same dreams (same start contexts, same noise: one seed) under the uniform random policy,
 under each action held fixed and, in a Breakout world, under the scripted tracker (agents/scripted.py,
@@ -105,7 +105,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--agent", action="append", default=[], metavar="DIR",
                         help="also play a trained agent (repeatable): does it find the dream's safer play?")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "dream_returns.json"))
+    parser.add_argument("--out", default=str(Path(__file__).parents[2] / "bench" / "results" / "dream_returns.json"))
     args = parser.parse_args()
 
     env = WorldFlowVectorEnv(num_envs=args.dreams, checkpoint=args.checkpoint, max_episode_steps=args.horizon)

@@ -1,7 +1,7 @@
 """Does Breakout's ball survive a dream? A game-specific check that full-frame PSNR cannot make: the
 ball is 2-3 of 4,096 pixels.
 
-    python bench/breakout_ball.py [--checkpoint RUN_OR_CKPT] [--data data/breakout] [--temperature 1.0] [--denoiser flow-score]
+    python docs/breakout_probes/breakout_ball.py [--checkpoint RUN_OR_CKPT] [--data data/breakout] [--temperature 1.0] [--denoiser flow-score]
 
 From held-out clips whose last context frame shows a ball, it dreams 16 open-loop steps under the real
 actions (flow-score denoiser unless told) and counts, per step, the real and dreamed frames that show a ball: 1-10
@@ -142,7 +142,7 @@ def main():
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--denoiser", default="flow-score", choices=DENOISERS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "breakout_ball.json"))
+    parser.add_argument("--out", default=str(Path(__file__).parents[2] / "bench" / "results" / "breakout_ball.json"))
     args = parser.parse_args()
 
     model = load_breakout_world(args.checkpoint)

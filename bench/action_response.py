@@ -1,0 +1,144 @@
+"""Does the dream answer an action as the game does? Each action held from the same real states, in both.
+
+    python bench/action_response.py [--checkpoint takecover] [--starts 24] [--hold 10] [--guidance W]
+
+Each start is a real episode (a fresh seed) played `--prefix`-ish random steps; from there every action
+is held for --hold steps, in the real game (the episode replayed from its seed, which ViZDoom and ALE
+repeat exactly) and in the dream (started from the last context_frames real frames, the same noise for
+every action). Printed per action: how far its last frame lies from each other action's (mean absolute
+difference, grey levels per pixel: how much the choice of action shows), and how often each world
+event happened within the hold in the real game beside the dream's mean predicted risk for it. A dream
+that can teach moves as far as the game does and ranks the actions' risks as the game does.
+"""
+
+import argparse
+import itertools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from worldflow.collect import make_env, resize_frames, write_json_atomic
+from worldflow.pretrained import load_world
+
+FRESH_SEED = 3_000_000  # episodes no collection or other bench used
+
+
+def real_branches(env_id, obs_key, seed: int, prefix: np.ndarray, n_actions: int, hold: int, size: int):
+    """Replay `prefix` from `seed`, then hold each action: the prefix frames (P+1, S, S, 3), each action's
+    last frame (A, S, S, 3) and whether each game variable dropped during its hold (A, V); None if the
+    episode ended within the prefix."""
+    env = make_env(env_id, obs_key)
+    try:
+        lasts, drops = [], []
+        for action in [None, *range(n_actions)]:
+            obs, info = env.reset(seed=seed)
+            frames = [resize_frames(obs, size)]
+            for a in prefix:
+                obs, _, terminated, truncated, info = env.step(int(a))
+                frames.append(resize_frames(obs, size))
+                if terminated or truncated:
+                    return None
+            if action is None:
+                context = np.stack(frames)
+                continue
+            if not np.array_equal(frames[-1], context[-1]):
+                raise RuntimeError(f"{env_id} does not replay a seeded episode exactly: no common start to branch from")
+            before = info.get("game_variables", np.zeros(0))
+            dropped = np.zeros(before.shape, bool)
+            for _ in range(hold):
+                obs, _, terminated, truncated, info = env.step(action)
+                now = info.get("game_variables", before)
+                dropped |= now < before
+                before = now
+                if terminated or truncated:
+                    break
+            lasts.append(resize_frames(obs, size))
+            drops.append(dropped)
+        return context, np.stack(lasts), np.stack(drops)
+    finally:
+        env.close()
+
+
+def mean_pairwise_difference(frames: np.ndarray) -> np.ndarray:
+    """frames (N, A, S, S, 3) -> (A, A): mean |frame_a - frame_b| over starts and pixels, in grey levels."""
+    A = frames.shape[1]
+    out = np.zeros((A, A))
+    for a, b in itertools.combinations(range(A), 2):
+        out[a, b] = out[b, a] = np.abs(frames[:, a].astype(np.float64) - frames[:, b]).mean()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="takecover")
+    parser.add_argument("--starts", type=int, default=32)
+    parser.add_argument("--hold", type=int, default=10)
+    parser.add_argument("--prefix", type=int, default=250, help="random real steps before the hold (at most)")
+    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "action_response.json"))
+    args = parser.parse_args()
+
+    model, _, _ = load_world(args.checkpoint)
+    cfg = model.config
+    A, K, rng = cfg.num_actions, cfg.context_frames, np.random.default_rng(args.seed)
+    contexts, context_actions, real_last, real_drops = [], [], [], []
+    seed = FRESH_SEED + args.seed * 10_000
+    while len(contexts) < args.starts:
+        seed += 1
+        prefix = rng.integers(0, A, int(rng.integers(K, args.prefix + 1)))
+        branch = real_branches(cfg.env_id, cfg.obs_key, seed, prefix, A, args.hold, cfg.frame_size)
+        if branch is None:
+            continue
+        context, last, drops = branch
+        contexts.append(context[-K:])
+        context_actions.append(prefix[-(K - 1):])
+        real_last.append(last)
+        real_drops.append(drops)
+    real_last, real_drops = np.stack(real_last), np.stack(real_drops).astype(np.float64)  # (N, A, ...), (N, A, V)
+
+    # the dream: every start under every action as one batch, rows (start, action), the same noise per start
+    N = args.starts
+    frames = torch.from_numpy(np.stack(contexts)).repeat_interleave(A, 0)
+    actions = torch.from_numpy(np.stack(context_actions)).long().repeat_interleave(A, 0)
+    held = torch.arange(A).repeat(N)
+    g = torch.Generator().manual_seed(args.seed)
+    state = model.start(frames, actions, g, args.guidance)
+    risks = []
+    for _ in range(args.hold):
+        noise = torch.randn(N, model.tokens_per_frame, model.token_dim, generator=g).repeat_interleave(A, 0)
+        step = model.sample_next(state, held, noise=noise)
+        risks.append(step.event_risk.numpy())
+    dream_last = step.frames.numpy().reshape(N, A, *step.frames.shape[1:])
+    dream_risk = np.stack(risks).mean(0).reshape(N, A, -1)  # mean over the hold: (N, A, E)
+
+    meanings, events = list(cfg.action_meanings), list(cfg.event_names)
+    real_diff, dream_diff = mean_pairwise_difference(real_last), mean_pairwise_difference(dream_last)
+    print(f"{args.checkpoint}: {N} real starts, each action held {args.hold} steps (guidance {args.guidance})")
+    print("last frames apart, grey levels per pixel (real / dream):")
+    for a, b in itertools.combinations(range(A), 2):
+        print(f"  {meanings[a]:>12} vs {meanings[b]:<12} {real_diff[a, b]:6.2f} / {dream_diff[a, b]:6.2f}")
+    # the collector names a game variable's drop VAR_drop; other events (ALE's life_lost) are not replayed here
+    probe = make_env(cfg.env_id, cfg.obs_key)
+    variables = probe.variable_names()
+    probe.close()
+    real_rate = {name: real_drops[..., variables.index(name.removesuffix("_drop"))].mean(0)
+                 if name.endswith("_drop") and name.removesuffix("_drop") in variables else np.full(A, np.nan)
+                 for name in events}
+    print("event within the hold: real rate / dream mean risk")
+    for e, name in enumerate(events):
+        rates = real_rate[name]
+        print(f"  {name}: " + ", ".join(f"{meanings[a]} {rates[a]:.2f} / {dream_risk[:, a, e].mean():.2f}"
+                                        for a in range(A)))
+    result = dict(checkpoint=str(args.checkpoint), starts=N, hold=args.hold, guidance=args.guidance,
+                  actions=meanings, real_difference=real_diff.tolist(), dream_difference=dream_diff.tolist(),
+                  events=events, real_event_rate={k: v.tolist() for k, v in real_rate.items()},
+                  dream_event_risk=dream_risk.mean(0).tolist())
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(args.out), result)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -63,8 +63,7 @@ class TrainConfig:
     denoiser_lr: float = 3e-4
     warmup_steps: int = 200
     min_lr_fraction: float = 0.1  # the cosine schedule decays each learning rate to this fraction of it
-    # AdamW's moment decays for every optimiser (STARFlow's: a shorter second-moment memory than
-    # Adam's 0.999 follows the flow's shifting gradient scale)
+    # AdamW's moment decays, for every optimiser (the TARFlow / STARFlow recipe's)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     weight_decay: float = 1e-4

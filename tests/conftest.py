@@ -4,6 +4,9 @@ import os
 
 import pytest
 
+import worldflow  # noqa: F401  (before any test module loads torch: it sets OpenMP's barrier spin, so the
+# suite does not crawl when other work shares the cores)
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")

@@ -46,7 +46,7 @@ def _check_result(result, horizon):
 
 def test_eval_writes_json_and_real_pngs(tiny_run, breakout_data, tmp_path, capsys):
     _, run = tiny_run
-    out = tmp_path / "tiny_eval.json"
+    out = tmp_path / "new" / "dir" / "tiny_eval.json"  # a folder that does not exist yet is made
     assert main(["eval", str(run), "--data", str(breakout_data), "--horizon", "3", "--clips", "4",
                  "--windows", "16", "--json", str(out)]) == 0
     result = json.loads(out.read_text())

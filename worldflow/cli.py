@@ -144,6 +144,7 @@ def run_eval(args) -> None:
 
     model = load_world(args.checkpoint, pick_device(args.device))[0]
     out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)  # the plots (and fresh data) go beside the JSON
     data, split = args.data, "val"
     if data is None:  # fresh episodes of the world's own real game: all of them are held out
         data, split = out.with_name(f"{out.stem}_data"), "all"

@@ -1,8 +1,8 @@
 """Does the dream answer an action as the game does? Each action held from the same real states, in both.
 
-    python bench/action_response.py [--checkpoint takecover] [--starts 24] [--hold 10] [--guidance W]
+    python bench/action_response.py [--checkpoint takecover] [--starts 32] [--hold 10] [--guidance W]
 
-Each start is a real episode (a fresh seed) played `--prefix`-ish random steps; from there every action
+Each start is a real episode (a fresh seed) played context_frames to --prefix random steps; from there every action
 is held for --hold steps, in the real game (the episode replayed from its seed, which ViZDoom and ALE
 repeat exactly) and in the dream (started from the last context_frames real frames, the same noise for
 every action). Printed per action: how far its last frame lies from each other action's (mean absolute

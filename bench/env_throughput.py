@@ -35,7 +35,7 @@ REFERENCE = Path(__file__).parent / "results" / "dream_reference.npz"
 
 # FlopCounterMode knows the GPU attention kernels but counts the CPU one as 0 FLOPs, which left
 # attention (half of a batch-64 deep-block pass) out of GFLOP/frame. PyTorch's own SDPA formula for
-# it: dense QK^T and AV, as it counts the GPU kernels (a causal chunk's masked half included).
+# it: dense QK^T and AV, as it counts the GPU kernels (the masked part of causal attention included).
 @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
 def cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
@@ -157,6 +157,12 @@ def reference_psnr(name, model, frames, actions) -> float | None:
     return psnr(dream.flatten(0, 1), torch.from_numpy(recorded[name]).flatten(0, 1)).clamp_max(99.0).min().item()
 
 
+def batch1_jacobi_fps(rows) -> float:
+    """The unloaded batch-1 frames/s with the envs' defaults (Jacobi, flow-score) that --load is compared with."""
+    return next(r["frames_per_s"] for r in rows if r["batch"] == 1 and r["sampler"] == "jacobi"
+                and r["denoiser"] == "flow-score")
+
+
 def bench_world(name, args, peak) -> dict:
     model, frames, actions = load_world(name)
     model.requires_grad_(False)  # inference only (and FlopCounterMode's module hooks need it)
@@ -181,9 +187,7 @@ def bench_world(name, args, peak) -> dict:
     if args.load:
         with competing_load() as n:
             loaded = time_dream(model, frames, actions, 1, "jacobi", "flow-score", args.steps)[0]
-        unloaded = next(r["frames_per_s"] for r in rows if r["batch"] == 1 and r["sampler"] == "jacobi"
-                        and r["denoiser"] == "flow-score")
-        out.update(busy_processes=n, loaded_batch1_frames_per_s=loaded, loaded_fraction=loaded / unloaded)
+        out.update(busy_processes=n, loaded_batch1_frames_per_s=loaded, loaded_fraction=loaded / batch1_jacobi_fps(rows))
     return out
 
 
@@ -209,9 +213,8 @@ def main():
     print(f"\n{'world':>10} {'gym.make fps':>13} {'dB vs reference':>16} {'batch-1 fps loaded / unloaded':>30}")
     for w in worlds:
         ref = "not recorded" if w["reference_worst_psnr"] is None else f"{w['reference_worst_psnr']:.1f}"
-        unloaded = next(r["frames_per_s"] for r in w["rows"] if r["batch"] == 1 and r["sampler"] == "jacobi"
-                        and r["denoiser"] == "flow-score")
-        load = (f"{w['loaded_batch1_frames_per_s']:.1f} / {unloaded:.1f} ({100 * w['loaded_fraction']:.0f}%)"
+        load = (f"{w['loaded_batch1_frames_per_s']:.1f} / {batch1_jacobi_fps(w['rows']):.1f} "
+                f"({100 * w['loaded_fraction']:.0f}%)"
                 if args.load else "")
         print(f"{w['world']:>10} {w['gym_make_frames_per_s']:>13.1f} {ref:>16} {load:>30}")
     result = dict(matmul_peak_gflops=peak, threads=torch.get_num_threads(),

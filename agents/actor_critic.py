@@ -6,7 +6,7 @@ hidden state carried between Ray rollout calls, and the same policy runs unchang
 """
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ class AgentSpec:
     env_id: str | None = None  # the real game of the world it was trained in
     action_meanings: list | None = None
     obs_key: str | None = None  # the image entry of the real game's Dict observations
+    env_kwargs: dict = field(default_factory=dict)  # gym.make keywords of the real game (e.g. frame_skip)
 
 
 class ActorCritic(nn.Module):

@@ -14,11 +14,12 @@ SELECTION_SEED_OFFSET = 1_000_000  # the periodic policy is chosen on seeds no e
 
 
 def play_real(policy, env_id: str, episodes: int, seed: int, frame_size: int = 64, max_steps: int = 10_000,
-              on_episode=None, action_counts: np.ndarray | None = None, obs_key: str | None = None) -> list[float]:
-    """Episode returns of `policy` (obs -> action, optional reset()) in the real env, frames preprocessed
-    exactly as the world's training data was (area-resized RGB); each action taken is added to
-    `action_counts` if given."""
-    env = make_env(env_id, obs_key)
+              on_episode=None, action_counts: np.ndarray | None = None, obs_key: str | None = None,
+              env_kwargs: dict | None = None) -> list[float]:
+    """Episode returns of `policy` (obs -> action, optional reset()) in the real env (made with `env_kwargs`),
+    frames preprocessed exactly as the world's training data was (area-resized RGB); each action taken is
+    added to `action_counts` if given."""
+    env = make_env(env_id, obs_key, **(env_kwargs or {}))
     returns = []
     try:
         for episode in range(episodes):
@@ -81,13 +82,13 @@ def periodic_candidates(num_actions: int, periods=PERIODS) -> list[PeriodicPolic
 
 
 def best_periodic(env_id: str, num_actions: int, episodes: int, seed: int, frame_size: int, max_steps: int,
-                  obs_key: str | None = None) -> tuple[PeriodicPolicy, list[dict]]:
+                  obs_key: str | None = None, env_kwargs: dict | None = None) -> tuple[PeriodicPolicy, list[dict]]:
     """The periodic policy with the best mean over `episodes` episodes on selection seeds (never the
     evaluation's), and every candidate's mean there."""
     scores = []
     for policy in periodic_candidates(num_actions):
         returns = play_real(policy, env_id, episodes, SELECTION_SEED_OFFSET + seed, frame_size, max_steps,
-                            obs_key=obs_key)
+                            obs_key=obs_key, env_kwargs=env_kwargs)
         scores.append((float(np.mean(returns)), policy))
     best = max(scores, key=lambda s: s[0])[1]
     return best, [dict(actions=list(p.actions), period=p.period, mean=m) for m, p in scores]
@@ -103,20 +104,22 @@ def evaluate_agent(agent_dir, env_id: str | None = None, episodes: int = 20, see
 
     agent = AgentPolicy(agent_dir, seed, device)
     spec = agent.net.spec
+    # the game the agent's world was trained on, made as it was (another --env: that id's defaults)
+    env_kwargs = spec.env_kwargs if env_id in (None, spec.env_id) else {}
     env_id = env_id or spec.env_id
     if env_id is None:
         raise ValueError(f"agent {agent_dir} does not record its game: pass --env")
     n = spec.num_actions
-    probe = make_env(env_id, spec.obs_key)
+    probe = make_env(env_id, spec.obs_key, **env_kwargs)
     if probe.action_space.n != n:
         raise ValueError(f"{env_id} has {probe.action_space.n} actions; agent {agent_dir} was trained for {n}")
     names = action_meanings(probe)
     probe.close()
     policies = [("agent", agent), ("random", random_policy(n, seed))]
-    result = dict(env_id=env_id, seed=seed)
+    result = dict(env_id=env_id, env_kwargs=env_kwargs, seed=seed)
     if selection_episodes:
         periodic, candidates = best_periodic(env_id, n, selection_episodes, seed, spec.frame_size, max_steps,
-                                             spec.obs_key)
+                                             spec.obs_key, env_kwargs)
         policies.append(("periodic", periodic))
         result["periodic_selection"] = dict(episodes=selection_episodes, chosen=periodic.name(names),
                                             candidates=candidates)
@@ -125,7 +128,7 @@ def evaluate_agent(agent_dir, env_id: str | None = None, episodes: int = 20, see
         with tqdm(total=episodes, desc=f"{name} in {env_id}", unit="episode", disable=not progress) as bar:
             result[name] = summary(play_real(policy, env_id, episodes, seed, spec.frame_size, max_steps,
                                              on_episode=lambda _: bar.update(1), action_counts=counts,
-                                             obs_key=spec.obs_key))
+                                             obs_key=spec.obs_key, env_kwargs=env_kwargs))
         result[name]["action_fractions"] = dict(zip(names, (counts / counts.sum()).round(4).tolist()))
     a, r = result["agent"], result["random"]
     result["beats_random"] = bool(a["mean"] - r["mean"] > a["stderr"] + r["stderr"])

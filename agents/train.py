@@ -111,7 +111,7 @@ def train_agent(cfg: AgentConfig, out, checkpoint=None, workers: int = 0, ray_ad
     world = load_world(checkpoint)[0].config  # fails early, here, on a bad world
     spec = AgentSpec(num_actions=world.num_actions, frame_size=world.frame_size, frame_stack=cfg.frame_stack,
                      width=cfg.width, env_id=world.env_id, action_meanings=list(world.action_meanings),
-                     obs_key=world.obs_key)
+                     obs_key=world.obs_key, env_kwargs=dict(world.env_kwargs))
     torch.manual_seed(cfg.seed)
     net = ActorCritic(spec)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, eps=1e-5)

@@ -81,7 +81,7 @@ def main() -> None:
         start = time.perf_counter()
         dream = summary(dream_returns(env, make, args.max_steps, args.seed))
         real = summary(play_real(make(0), cfg.env_id, args.episodes, FRESH_SEED + args.seed, cfg.frame_size,
-                                 args.max_steps, obs_key=cfg.obs_key))
+                                 args.max_steps, obs_key=cfg.obs_key, env_kwargs=cfg.env_kwargs))
         rows.append(dict(policy=name, dream=dream, real=real, seconds=time.perf_counter() - start))
         print(f"{name:<16} dream {dream['mean']:7.1f} ± {dream['stderr']:5.1f}   real {real['mean']:7.1f} ± "
               f"{real['stderr']:5.1f}   ({rows[-1]['seconds']:.0f} s)", flush=True)

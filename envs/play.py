@@ -51,7 +51,8 @@ class Player:
         self.scale = scale
         self.fps = env.metadata["render_fps"] if fps is None else fps  # 0: as fast as the model goes
         self.autoplay, self.agent = autoplay, agent
-        self.real = make_env(self.world.model.config.env_id, self.world.model.config.obs_key) if compare else None
+        config = self.world.model.config
+        self.real = make_env(config.env_id, config.obs_key, **config.env_kwargs) if compare else None
         self.record_path = None if record is None else Path(record)
         self.screenshot = screenshot
         if self.record_path is not None and self.record_path.suffix != ".mp4":

@@ -102,6 +102,21 @@ def test_cli_collects_with_held_random_and_names_it_in_the_manifest(tmp_path, ca
     assert "--max-hold" in capsys.readouterr().err
 
 
+def test_env_args_make_the_game_and_the_manifest_remembers_them(tmp_path, capsys):
+    out = tmp_path / "skip4"
+    assert main(["collect", "--env", "VizdoomTakeCover-v1", "--env-arg", "frame_skip=4", "--steps", "30",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["env_kwargs"]["frame_skip"] == 4
+    with np.load(shard_paths(out)[0]) as shard:  # +1 a tic alive: 4 tics a step
+        assert (shard["rewards"] == 4).all()
+    assert main(["collect", "--env", "VizdoomTakeCover-v1", "--steps", "40", "--out", str(out)]) == 2
+    assert "env_kwargs" in capsys.readouterr().err  # a resumed collection must make the same game
+    for bad in ("frame_skip", "=4", "frame_skip=[4]"):
+        assert main(["collect", "--env", "VizdoomTakeCover-v1", "--env-arg", bad, "--steps", "10",
+                     "--out", str(tmp_path / "bad")]) == 2
+        assert "--env-arg" in capsys.readouterr().err
+
+
 def test_missing_or_unknown_envs_and_non_pixel_envs_are_clear_errors():
     with pytest.raises(ValueError, match="cannot make 'NoSuchGame-v0'"):
         make_env("NoSuchGame-v0")

@@ -8,7 +8,7 @@ import gymnasium as gym
 import numpy as np
 
 import worldflow  # noqa: F401  (registers WorldFlow-v0)
-from worldflow.agents.evaluate import evaluate_agent
+from worldflow.agents.evaluate import evaluate_agent, play_real, random_policy
 from worldflow.cli import main
 
 TINY = str(Path(__file__).parent.parent / "configs" / "tiny.yaml")
@@ -38,7 +38,15 @@ def test_take_cover_collect_train_dream_and_agent(takecover_data, tmp_path, caps
     assert recorded["config"]["sample_termination"] is True
     result = evaluate_agent(agent, episodes=2, max_steps=40, progress=False, selection_episodes=1)
     assert result["env_id"] == "VizdoomTakeCover-v1"
+    # the real game is made as the world's data was (the registered keywords, and any --env-arg)
+    assert result["env_kwargs"] == world.model.config.env_kwargs == json.loads((agent / "latest" / "config.json").read_text())["env_kwargs"]
     assert 3 + 3 * 5 == len(result["periodic_selection"]["candidates"])  # 3 held actions, 3 pairs at 5 periods
     for name in ("agent", "random", "periodic"):  # +1 a tic alive, each capped at 40 tics
         assert result[name]["episodes"] == 2 and 0 < result[name]["mean"] <= 40
     assert list(result["agent"]["action_fractions"]) == ["NOOP", "MOVE_RIGHT", "MOVE_LEFT"]
+
+
+def test_the_real_game_is_played_with_the_worlds_env_kwargs():
+    returns = play_real(random_policy(3, 0), "VizdoomTakeCover-v1", episodes=1, seed=0, max_steps=10,
+                        obs_key="screen", env_kwargs=dict(frame_skip=4))
+    assert returns == [40.0]  # 10 steps of 4 tics, +1 a tic alive (no fireball lands in the first 40 tics)

@@ -55,18 +55,35 @@ def make_policy(name: str | None, num_actions: int, seed: int | None, frame_size
     return policy
 
 
+def parse_env_args(pairs: list[str]) -> dict:
+    """["frame_skip=4", ...] -> {"frame_skip": 4}: gym.make keywords, each value read as YAML (numbers,
+    booleans and strings, as a manifest records them)."""
+    import yaml
+
+    kwargs = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--env-arg takes KEY=VALUE with KEY a keyword of gym.make, got {pair!r}")
+        value = yaml.safe_load(text)
+        if not isinstance(value, (int, float, str, bool)):
+            raise ValueError(f"--env-arg {key}: the value must be a number, a boolean or a string, got {text!r}")
+        kwargs[key] = value
+    return kwargs
+
+
 def run_collect(args) -> None:
     from pathlib import Path
 
     from .collect import collect
 
-    factory, name = None, args.policy
+    factory, name, env_kwargs = None, args.policy, parse_env_args(args.env_arg)
     if args.policy == "held-random":
         import functools
 
         from .collect import HeldRandom, make_env
 
-        env = make_env(args.env, args.obs_key)
+        env = make_env(args.env, args.obs_key, **env_kwargs)
         factory = functools.partial(HeldRandom, num_actions=int(env.action_space.n), max_hold=args.max_hold)
         factory(0)  # a bad --max-hold fails here, not in a worker
         env.close()
@@ -82,12 +99,13 @@ def run_collect(args) -> None:
             name = str(Path(args.policy).resolve())
         elif "Breakout" not in args.env:
             raise ValueError(f"--policy {args.policy} plays Breakout only, not {args.env}")
-        env = make_env(args.env, args.obs_key)
+        env = make_env(args.env, args.obs_key, **env_kwargs)
         make_policy(name, env.action_space.n, None, args.size)  # a bad policy fails here, not in a worker
         env.close()
         factory = TRACKERS[name] if name in TRACKERS else functools.partial(AgentPolicy, name)
     manifest = collect(args.env, args.steps, args.out, size=args.size, seed=args.seed, workers=args.workers,
-                       ray_address=args.ray_address, policy_factory=factory, policy_name=name, obs_key=args.obs_key)
+                       ray_address=args.ray_address, policy_factory=factory, policy_name=name, obs_key=args.obs_key,
+                       env_kwargs=env_kwargs)
     print(f"{args.out}: {args.env}, {manifest['num_actions']} actions {manifest['action_meanings']}, "
           f"events {manifest['event_names']}")
 
@@ -149,7 +167,7 @@ def run_eval(args) -> None:
     if data is None:  # fresh episodes of the world's own real game: all of them are held out
         data, split = out.with_name(f"{out.stem}_data"), "all"
         collect(model.config.env_id, args.collect_steps, str(data), size=model.config.frame_size,
-                seed=FRESH_SEED_OFFSET + args.seed, obs_key=model.config.obs_key)
+                seed=FRESH_SEED_OFFSET + args.seed, obs_key=model.config.obs_key, env_kwargs=model.config.env_kwargs)
     result, strip = evaluate(model, data, split, args.horizon, args.clips, args.seed, args.temperature,
                              args.sampler, args.windows)
     plots = dict(psnr_plot=out.with_name(f"{out.stem}_psnr.png"), strip=out.with_name(f"{out.stem}_strip.png"))
@@ -242,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--size", type=int, default=64, help="frames are resized to SIZE x SIZE RGB")
     p.add_argument("--obs-key", default=None, help="the RGB image entry of Dict observations (default: the only one)")
+    p.add_argument("--env-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a keyword for gym.make, e.g. frame_skip=4 (repeatable); the world trained on the data "
+                   "remembers it, and its real game is made the same way")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
     p.set_defaults(handler=run_collect)
 

@@ -188,21 +188,22 @@ def shard_steps(path: Path) -> int:
 
 
 def prepare_output(out: Path, env_id: str, size: int, seed: int, policy: str = "random",
-                   obs_key: str | None = None) -> dict:
-    """Write the manifest (or check a resumed collection's one matches) and return it."""
-    env = make_env(env_id, obs_key)
+                   obs_key: str | None = None, env_kwargs: dict | None = None) -> dict:
+    """Write the manifest (or check a resumed collection's one matches) and return it. Its env_kwargs are
+    every keyword the env was made with (the registered ones and `env_kwargs`): what remakes the same game."""
+    env = make_env(env_id, obs_key, **(env_kwargs or {}))
     _, info = env.reset(seed=seed)
     manifest = dict(env_id=env_id, obs_key=env.obs_key, num_actions=int(env.action_space.n),
                     action_meanings=action_meanings(env), frame_size=size, event_names=event_names(env, info),
                     env_kwargs={k: v for k, v in (env.spec.kwargs or {}).items()
                                 if isinstance(v, (int, float, str, bool))},
-                    preprocessing=f"RGB observation area-resized to {size}x{size}; env defaults otherwise",
+                    preprocessing=f"RGB observation area-resized to {size}x{size}; the env made with env_kwargs",
                     seed=seed, source_shape=list(env.observation_space.shape), policy=policy)
     env.close()
     path = out / "manifest.json"
     if path.exists():
         old = read_manifest(path)
-        for key in ("env_id", "frame_size", "policy", "obs_key", "event_names"):
+        for key in ("env_id", "env_kwargs", "frame_size", "policy", "obs_key", "event_names"):
             if old.get(key) != manifest[key]:
                 raise ValueError(f"{out} already holds a collection with {key}={old.get(key)!r}, "
                                  f"not {manifest[key]!r}: use another --out")
@@ -213,7 +214,8 @@ def prepare_output(out: Path, env_id: str, size: int, seed: int, policy: str = "
 
 
 def collect_worker(env_id: str, steps: int, out: str, size: int, seed: int, worker: int = 0,
-                   on_episode=None, policy_factory=None, obs_key: str | None = None) -> int:
+                   on_episode=None, policy_factory=None, obs_key: str | None = None,
+                   env_kwargs: dict | None = None) -> int:
     """Run episodes until this worker's shards hold `steps` steps; returns steps collected now.
 
     Episode k of worker w is seeded from (seed, w, k), so a resumed run continues the same stream.
@@ -225,7 +227,7 @@ def collect_worker(env_id: str, steps: int, out: str, size: int, seed: int, work
     done_shards = shard_paths(out, worker)
     done = sum(shard_steps(p) for p in done_shards)
     episode, collected = len(done_shards), 0
-    env = make_env(env_id, obs_key)
+    env = make_env(env_id, obs_key, **(env_kwargs or {}))
     while done < steps:
         ep_seed = int(np.random.SeedSequence([seed, worker, episode]).generate_state(1)[0])
         obs, info = env.reset(seed=ep_seed)
@@ -262,9 +264,11 @@ def collect_worker(env_id: str, steps: int, out: str, size: int, seed: int, work
 
 def collect(env_id: str, steps: int, out: str, size: int = 64, seed: int = 0, workers: int = 0,
             ray_address: str | None = None, progress: bool = True, policy_factory=None,
-            policy_name: str = "random", obs_key: str | None = None) -> dict:
+            policy_name: str = "random", obs_key: str | None = None, env_kwargs: dict | None = None) -> dict:
     """Collect `steps` environment steps into `out` (resuming if it already holds some).
 
+    env_kwargs go to gym.make (e.g. ViZDoom's frame_skip); the manifest records them, and everything that
+    later plays the real game of a world trained on this data makes it with them.
     workers=0 runs in this process; workers=K runs K Ray tasks, each filling its own shards.
     policy_factory (picklable, for Ray) builds the behaviour policy per episode; policy_name goes in
     the manifest, and a resumed collection must use the same one.
@@ -272,7 +276,7 @@ def collect(env_id: str, steps: int, out: str, size: int = 64, seed: int = 0, wo
     from tqdm import tqdm
 
     out = Path(out)
-    manifest = prepare_output(out, env_id, size, seed, policy_name, obs_key)
+    manifest = prepare_output(out, env_id, size, seed, policy_name, obs_key, env_kwargs)
     n = max(workers, 1)
     budgets = [steps // n + (1 if w < steps % n else 0) for w in range(n)]
     bar = tqdm(total=steps, initial=sum(shard_steps(p) for p in shard_paths(out)), unit="step",
@@ -280,7 +284,7 @@ def collect(env_id: str, steps: int, out: str, size: int = 64, seed: int = 0, wo
     try:
         if workers == 0:
             collect_worker(env_id, steps, str(out), size, seed, 0, on_episode=bar.update, policy_factory=policy_factory,
-                           obs_key=manifest["obs_key"])
+                           obs_key=manifest["obs_key"], env_kwargs=manifest["env_kwargs"])
         else:
             from .scale import init_ray
 
@@ -289,7 +293,7 @@ def collect(env_id: str, steps: int, out: str, size: int = 64, seed: int = 0, wo
             # and the retry resumes from the shards its first attempt already renamed into place
             remote = ray.remote(num_cpus=1, max_retries=3)(collect_worker)
             pending = [remote.remote(env_id, budgets[w], str(out), size, seed, w, policy_factory=policy_factory,
-                                     obs_key=manifest["obs_key"])
+                                     obs_key=manifest["obs_key"], env_kwargs=manifest["env_kwargs"])
                        for w in range(workers)]
             counted: dict[Path, int] = {}
             while pending:  # progress comes from the shards the workers have renamed into place

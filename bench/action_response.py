@@ -24,13 +24,14 @@ from worldflow.pretrained import load_world
 FRESH_SEED = 3_000_000  # episodes no collection or other bench used
 
 
-def real_branches(env_id, obs_key, seed: int, prefix: np.ndarray, n_actions: int, hold: int, size: int):
+def real_branches(env_id, obs_key, env_kwargs: dict, seed: int, prefix: np.ndarray, n_actions: int, hold: int,
+                  size: int):
     """Replay `prefix` from `seed`, then hold each action: the prefix frames (P+1, S, S, 3), each action's
-    last frame (A, S, S, 3) and whether each game variable dropped during its hold (A, V); None if the
-    episode ended within the prefix."""
-    env = make_env(env_id, obs_key)
+    frames over the hold (A, hold, S, S, 3; the last one repeated if the episode ended) and whether each
+    game variable dropped during its hold (A, V); None if the episode ended within the prefix."""
+    env = make_env(env_id, obs_key, **env_kwargs)
     try:
-        lasts, drops = [], []
+        holds, drops = [], []
         for action in [None, *range(n_actions)]:
             obs, info = env.reset(seed=seed)
             frames = [resize_frames(obs, size)]
@@ -45,19 +46,35 @@ def real_branches(env_id, obs_key, seed: int, prefix: np.ndarray, n_actions: int
             if not np.array_equal(frames[-1], context[-1]):
                 raise RuntimeError(f"{env_id} does not replay a seeded episode exactly: no common start to branch from")
             before = info.get("game_variables", np.zeros(0))
-            dropped = np.zeros(before.shape, bool)
+            dropped, seen = np.zeros(before.shape, bool), []
             for _ in range(hold):
                 obs, _, terminated, truncated, info = env.step(action)
                 now = info.get("game_variables", before)
                 dropped |= now < before
                 before = now
+                seen.append(resize_frames(obs, size))
                 if terminated or truncated:
                     break
-            lasts.append(resize_frames(obs, size))
+            holds.append(np.stack(seen + seen[-1:] * (hold - len(seen))))
             drops.append(dropped)
-        return context, np.stack(lasts), np.stack(drops)
+        return context, np.stack(holds), np.stack(drops)
     finally:
         env.close()
+
+
+def real_head_risk(model, contexts: np.ndarray, context_actions: np.ndarray, holds: np.ndarray) -> np.ndarray:
+    """The event heads read on the real game's own frames over each hold: contexts (N, K, S, S, 3), the K-1
+    actions between them (N, K-1), holds (N, A, H, S, S, 3) -> mean risk over the hold (N, A, E). Beside the
+    dream's risk it tells the heads' judgement apart from the dream's drawing."""
+    N, A, H = holds.shape[:3]
+    K = contexts.shape[1]
+    frames = np.concatenate([np.repeat(contexts[:, None], A, 1), holds], axis=2).reshape(N * A, K + H, *holds.shape[3:])
+    actions = np.concatenate([np.repeat(context_actions[:, None], A, 1),
+                              np.broadcast_to(np.arange(A)[None, :, None], (N, A, H))], axis=2).reshape(N * A, -1)
+    risks = [model.start(torch.from_numpy(frames[:, t + 1:t + 1 + K].copy()),
+                         torch.from_numpy(actions[:, t + 1:t + K].copy()).long()).event_risk.numpy()
+             for t in range(H)]  # the window ending at the hold's step t
+    return np.stack(risks).mean(0).reshape(N, A, -1)
 
 
 def mean_pairwise_difference(frames: np.ndarray) -> np.ndarray:
@@ -83,20 +100,22 @@ def main() -> None:
     model, _, _ = load_world(args.checkpoint)
     cfg = model.config
     A, K, rng = cfg.num_actions, cfg.context_frames, np.random.default_rng(args.seed)
-    contexts, context_actions, real_last, real_drops = [], [], [], []
+    contexts, context_actions, real_holds, real_drops = [], [], [], []
     seed = FRESH_SEED + args.seed * 10_000
     while len(contexts) < args.starts:
         seed += 1
         prefix = rng.integers(0, A, int(rng.integers(K, args.prefix + 1)))
-        branch = real_branches(cfg.env_id, cfg.obs_key, seed, prefix, A, args.hold, cfg.frame_size)
+        branch = real_branches(cfg.env_id, cfg.obs_key, cfg.env_kwargs, seed, prefix, A, args.hold, cfg.frame_size)
         if branch is None:
             continue
-        context, last, drops = branch
+        context, hold_frames, drops = branch
         contexts.append(context[-K:])
         context_actions.append(prefix[-(K - 1):])
-        real_last.append(last)
+        real_holds.append(hold_frames)
         real_drops.append(drops)
-    real_last, real_drops = np.stack(real_last), np.stack(real_drops).astype(np.float64)  # (N, A, ...), (N, A, V)
+    real_holds, real_drops = np.stack(real_holds), np.stack(real_drops).astype(np.float64)  # (N, A, hold, ...), (N, A, V)
+    real_last = real_holds[:, :, -1]
+    real_risk = real_head_risk(model, np.stack(contexts), np.stack(context_actions), real_holds)
 
     # the dream: every start under every action as one batch, rows (start, action), the same noise per start
     N = args.starts
@@ -120,21 +139,21 @@ def main() -> None:
     for a, b in itertools.combinations(range(A), 2):
         print(f"  {meanings[a]:>12} vs {meanings[b]:<12} {real_diff[a, b]:6.2f} / {dream_diff[a, b]:6.2f}")
     # the collector names a game variable's drop VAR_drop; other events (ALE's life_lost) are not replayed here
-    probe = make_env(cfg.env_id, cfg.obs_key)
+    probe = make_env(cfg.env_id, cfg.obs_key, **cfg.env_kwargs)
     variables = probe.variable_names()
     probe.close()
     real_rate = {name: real_drops[..., variables.index(name.removesuffix("_drop"))].mean(0)
                  if name.endswith("_drop") and name.removesuffix("_drop") in variables else np.full(A, np.nan)
                  for name in events}
-    print("event within the hold: real rate / dream mean risk")
+    print("event within the hold: real rate / heads' mean risk on the real frames / on the dream's")
     for e, name in enumerate(events):
         rates = real_rate[name]
-        print(f"  {name}: " + ", ".join(f"{meanings[a]} {rates[a]:.2f} / {dream_risk[:, a, e].mean():.2f}"
-                                        for a in range(A)))
+        print(f"  {name}: " + ", ".join(f"{meanings[a]} {rates[a]:.2f} / {real_risk[:, a, e].mean():.2f} / "
+                                        f"{dream_risk[:, a, e].mean():.2f}" for a in range(A)))
     result = dict(checkpoint=str(args.checkpoint), starts=N, hold=args.hold, guidance=args.guidance,
                   actions=meanings, real_difference=real_diff.tolist(), dream_difference=dream_diff.tolist(),
                   events=events, real_event_rate={k: v.tolist() for k, v in real_rate.items()},
-                  dream_event_risk=dream_risk.mean(0).tolist())
+                  real_frames_event_risk=real_risk.mean(0).tolist(), dream_event_risk=dream_risk.mean(0).tolist())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(args.out), result)
     print(f"wrote {args.out}")

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from worldflow.pretrained import load_world
+from worldflow.world_model import SAMPLERS
 from worldflow.train import (checkpoint_dir_to_resume, has_checkpoint, load_optimizer, optimizer_tensors,
                              save_checkpoint_dir, trim_metrics)
 
@@ -62,8 +63,13 @@ class AgentConfig:
     # of RIGHT, the real game 2.4; guidance 3 gives 2.4) teaches an agent that its actions matter less
     # than they do. Costs a second (null-action) branch per step.
     guidance: float | None = None
+    # how the dreams invert the flow: the same frames up to Jacobi's tolerance, a speed choice. On the
+    # 2-core CPU of docs/throughput.md sequential was 1.3x faster at 16 guided dreams; Jacobi wins on GPUs.
+    sampler: str = "jacobi"
 
     def __post_init__(self):  # here, not in the CLI, so a config built in Python is checked as well
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler (--sampler) must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.entropy < 0:
             raise ValueError(f"entropy (--entropy) is a bonus weight >= 0, got {self.entropy}")
         if self.lr <= 0:
@@ -151,7 +157,7 @@ def train_agent(cfg: AgentConfig, out, checkpoint=None, workers: int = 0, ray_ad
 
     # a resumed run continues the policy; its dreams restart from fresh seeds (the env state is not saved)
     pool = RolloutPool(spec, checkpoint, workers, cfg.envs_per_worker, cfg.horizon, cfg.seed + update, ray_address,
-                       cfg.sample_termination, cfg.guidance, device, gpus_per_worker)
+                       cfg.sample_termination, cfg.guidance, device, gpus_per_worker, cfg.sampler)
     bar = tqdm(total=updates, initial=update, desc="agent", unit="update", disable=not progress)
     log = open(out / "metrics.csv", "a", newline="")
     writer = csv.DictWriter(log, ["update", "frames", "loss", "policy", "value", "entropy", "event_risk", "episodes",

@@ -89,11 +89,18 @@ def test_agent_trains_in_process_checkpoints_round_trip_and_resume(endless_world
     assert json.loads((out / "latest" / "trainer.json").read_text())["update"] == 4
     assert main(["agent", "train", "--steps", "64", "--entropy", "-1", "--out", str(tmp_path / "bad")]) == 2
     assert main(["agent", "train", "--steps", "64", "--lr", "0", "--out", str(tmp_path / "bad")]) == 2
+    with pytest.raises(ValueError, match="sampler"):
+        AgentConfig(sampler="newton")
+    pool = RolloutPool(AgentSpec(num_actions=4), endless_world, workers=0, num_envs=2, horizon=5, seed=0,
+                       sampler="sequential")
+    assert pool.workers[0].env.sampler == "sequential"  # the dreams invert the flow as the config says
+    pool.close()
     assert not (tmp_path / "bad").exists()
 
 
 def test_two_ray_workers_feed_the_learner_and_a_killed_worker_is_replaced(endless_world, tmp_path, ray_local):
-    cfg = AgentConfig(steps=2 * 2 * 4, envs_per_worker=2, rollout_steps=4, horizon=5, checkpoint_every=1)
+    cfg = AgentConfig(steps=2 * 2 * 4, envs_per_worker=2, rollout_steps=4, horizon=5, checkpoint_every=1,
+                      sampler="sequential")
     train_agent(cfg, tmp_path / "agent", endless_world, workers=2, progress=False)
     assert _rows(tmp_path / "agent")[0]["workers_heard"] == "0 1"
 

@@ -15,10 +15,11 @@ SELECTION_SEED_OFFSET = 1_000_000  # the periodic policy is chosen on seeds no e
 
 def play_real(policy, env_id: str, episodes: int, seed: int, frame_size: int = 64, max_steps: int = 10_000,
               on_episode=None, action_counts: np.ndarray | None = None, obs_key: str | None = None,
-              env_kwargs: dict | None = None) -> list[float]:
+              env_kwargs: dict | None = None, reward_sign: bool = False) -> list[float]:
     """Episode returns of `policy` (obs -> action, optional reset()) in the real env (made with `env_kwargs`),
     frames preprocessed exactly as the world's training data was (area-resized RGB); each action taken is
-    added to `action_counts` if given."""
+    added to `action_counts` if given. reward_sign sums each reward's sign instead, the unit of a world's
+    reward head (Take Cover at 4 tics a step: +1 a step, where the game pays +4)."""
     env = make_env(env_id, obs_key, **(env_kwargs or {}))
     returns = []
     try:
@@ -32,7 +33,7 @@ def play_real(policy, env_id: str, episodes: int, seed: int, frame_size: int = 6
                 if action_counts is not None:
                     action_counts[action] += 1
                 obs, reward, terminated, truncated, _ = env.step(action)
-                total += reward
+                total += float(np.sign(reward)) if reward_sign else reward
                 if terminated or truncated:
                     break
             returns.append(total)

@@ -5,7 +5,8 @@
 Policies: uniform random, each action held fixed, and each pair of actions alternating every k steps
 (k in --periods). Each plays --dreams dreams (from the world's real start contexts, drawn by one
 seed; episodes end by the termination head, drawn with its probability as an agent's dreams end) and
---episodes real episodes on fresh seeds, each capped at --max-steps. A dream that teaches ranks the
+--episodes real episodes on fresh seeds, each capped at --max-steps; both returns are sums of reward signs,
+the unit of the world's reward head. A dream that teaches ranks the
 policies as the real game does and gives random about its real return: the table prints both
 returns side by side, the rank correlation (Spearman) and random's dream / real ratio, and the JSON
 keeps every episode's return.
@@ -81,7 +82,7 @@ def main() -> None:
         start = time.perf_counter()
         dream = summary(dream_returns(env, make, args.max_steps, args.seed))
         real = summary(play_real(make(0), cfg.env_id, args.episodes, FRESH_SEED + args.seed, cfg.frame_size,
-                                 args.max_steps, obs_key=cfg.obs_key, env_kwargs=cfg.env_kwargs))
+                                 args.max_steps, obs_key=cfg.obs_key, env_kwargs=cfg.env_kwargs, reward_sign=True))
         rows.append(dict(policy=name, dream=dream, real=real, seconds=time.perf_counter() - start))
         print(f"{name:<16} dream {dream['mean']:7.1f} ± {dream['stderr']:5.1f}   real {real['mean']:7.1f} ± "
               f"{real['stderr']:5.1f}   ({rows[-1]['seconds']:.0f} s)", flush=True)

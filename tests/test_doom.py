@@ -50,3 +50,6 @@ def test_the_real_game_is_played_with_the_worlds_env_kwargs():
     returns = play_real(random_policy(3, 0), "VizdoomTakeCover-v1", episodes=1, seed=0, max_steps=10,
                         obs_key="screen", env_kwargs=dict(frame_skip=4))
     assert returns == [40.0]  # 10 steps of 4 tics, +1 a tic alive (no fireball lands in the first 40 tics)
+    signs = play_real(random_policy(3, 0), "VizdoomTakeCover-v1", episodes=1, seed=0, max_steps=10,
+                      obs_key="screen", env_kwargs=dict(frame_skip=4), reward_sign=True)
+    assert signs == [10.0]  # the unit of a world's reward head: +1 a step

@@ -2,17 +2,23 @@
 
 import numpy as np
 import torch
+from gymnasium import spaces
 
 from worldflow.devices import pick_device
 from worldflow.pretrained import load_world
 from worldflow.world_model import DENOISERS, SAMPLERS
 
+OBSERVATIONS = ("frames", "latent")  # what an env step returns: RGB frames, or the world's own state (features)
 
-def open_world(checkpoint, sampler: str, denoiser: str, context_frames: int | None, device: str):
+
+def open_world(checkpoint, sampler: str, denoiser: str, context_frames: int | None, device: str,
+               observation: str = "frames"):
     """Load a world and check the env options.
 
     -> (model, start frames, start actions, real context frames a reset uses: all shipped ones by default).
     """
+    if observation not in OBSERVATIONS:
+        raise ValueError(f"observation must be one of {OBSERVATIONS}, got {observation!r}")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if denoiser not in DENOISERS:
@@ -22,6 +28,14 @@ def open_world(checkpoint, sampler: str, denoiser: str, context_frames: int | No
     if context_frames is not None and not 1 <= context_frames <= shipped:
         raise ValueError(f"context_frames must be in [1, {shipped}], got {context_frames}")
     return model, frames, actions, context_frames or shipped
+
+
+def observation_space(model, observation: str) -> spaces.Box:
+    """One observation's space: an RGB frame, or the world's feature vector (`WorldFlowModel.features`)."""
+    if observation == "latent":
+        return spaces.Box(-np.inf, np.inf, (model.feature_size,), np.float32)
+    S = model.config.frame_size
+    return spaces.Box(0, 255, (S, S, 3), np.uint8)
 
 
 def torch_generator(np_random: np.random.Generator, device: str = "cpu") -> torch.Generator:

@@ -17,9 +17,9 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
-from .dreams import check_action, draw_terminated, open_world, start_context, torch_generator
+from .dreams import check_action, draw_terminated, observation_space, open_world, start_context, torch_generator
 
-ROW_TENSORS = ("last_solution", "last_shallow", "last_noisy", "last_clean", "event_risk")  # WorldState's per-row tensors besides the cache
+ROW_TENSORS = ("last_solution", "last_shallow", "last_noisy", "last_clean", "event_risk", "hidden")  # WorldState's per-row tensors besides the cache
 
 
 class WorldFlowVectorEnv(gym.vector.VectorEnv):
@@ -28,7 +28,7 @@ class WorldFlowVectorEnv(gym.vector.VectorEnv):
     def __init__(self, num_envs: int = 1, checkpoint=None, render_mode: str | None = None, sampler: str = "jacobi",
                  denoiser: str = "flow-score", temperature: float = 1.0, guidance: float | None = None,
                  context_frames: int | None = None, max_episode_steps: int = 1000, sample_termination: bool = False,
-                 device: str = "cpu"):
+                 observation: str = "frames", device: str = "cpu"):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"the vector env renders only 'rgb_array', got {render_mode!r}")
         if num_envs < 1:
@@ -36,14 +36,14 @@ class WorldFlowVectorEnv(gym.vector.VectorEnv):
         if max_episode_steps < 1:
             raise ValueError(f"max_episode_steps must be at least 1, got {max_episode_steps}")
         self.model, self.start_frames, self.start_actions, self.context_frames = open_world(
-            checkpoint, sampler, denoiser, context_frames, device)
+            checkpoint, sampler, denoiser, context_frames, device, observation)
         cfg = self.model.config
         self.num_envs, self.render_mode = num_envs, render_mode
         self.sampler, self.denoiser, self.temperature, self.guidance = sampler, denoiser, temperature, guidance
         self.max_episode_steps, self.device = max_episode_steps, self.model.device
-        self.sample_termination = sample_termination
+        self.sample_termination, self.observation = sample_termination, observation
         self.action_meanings, self.event_names = list(cfg.action_meanings), list(cfg.event_names)
-        self.single_observation_space = spaces.Box(0, 255, (cfg.frame_size, cfg.frame_size, 3), np.uint8)
+        self.single_observation_space = observation_space(self.model, observation)
         self.single_action_space = spaces.Discrete(cfg.num_actions)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
@@ -82,7 +82,7 @@ class WorldFlowVectorEnv(gym.vector.VectorEnv):
         self._frames = torch.stack([f for _, f in rows]).numpy()
         self._t = np.zeros(self.num_envs, dtype=np.int64)
         self._needs_reset = np.zeros(self.num_envs, dtype=bool)
-        return self._frames.copy(), self._risk_info()
+        return self._observations(), self._risk_info()
 
     def _cache_rows(self, i: int) -> torch.Tensor:
         """Sub-env i's rows of the batched cache: with guidance it holds [cond; null] halves."""
@@ -119,7 +119,12 @@ class WorldFlowVectorEnv(gym.vector.VectorEnv):
         infos = {"bits_per_dim": out.bits_per_dim.cpu().numpy(), "_bits_per_dim": np.ones(self.num_envs, bool),
                  "terminated_prob": out.terminated.cpu().numpy(), "_terminated_prob": np.ones(self.num_envs, bool),
                  **self._risk_info()}  # a row reset this step: its new start's risk, as its frame is the new start
-        return frames.copy(), rewards, terminated, truncated, infos
+        return self._observations(), rewards, terminated, truncated, infos
+
+    def _observations(self) -> np.ndarray:
+        if self.observation == "latent":  # every row's, reset rows' from their new start
+            return self.model.features(self._state).cpu().numpy()
+        return self._frames.copy()
 
     def _risk_info(self) -> dict:
         return {"event_risk": self._state.event_risk.cpu().numpy().copy(), "_event_risk": np.ones(self.num_envs, bool)}

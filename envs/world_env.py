@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from .dreams import check_action, draw_terminated, open_world, start_context, torch_generator
+from .dreams import check_action, draw_terminated, observation_space, open_world, start_context, torch_generator
 
 
 class WorldFlowEnv(gym.Env):
@@ -22,7 +22,10 @@ class WorldFlowEnv(gym.Env):
     `Discrete(n)`: the real game's actions; `get_action_meanings()` names them.
 
     ## Observation Space
-    `Box(0, 255, (S, S, 3), uint8)`: RGB frames at the world's size (64 for the embedded worlds).
+    `Box(0, 255, (S, S, 3), uint8)`: RGB frames at the world's size (64 for the embedded worlds). With
+    `observation="latent"`, `Box(-inf, inf, (F,), float32)`: the world's own causal state at the frame
+    (the deep block's hidden state and the frame's latent grid, `WorldFlowModel.features`); render()
+    still shows the frame.
 
     ## Rewards
     The reward head's sign of the real game's reward for the step: -1, 0 or +1.
@@ -38,7 +41,7 @@ class WorldFlowEnv(gym.Env):
     `render_mode` ("rgb_array" or "human"), `sampler` ("jacobi" or "sequential"), `denoiser`
     ("flow-score", "tweedie" or "none"), `temperature` (scale of the sampling noise), `guidance`
     (classifier-free guidance weight over actions, None: off), `context_frames` (real frames a reset
-    primes the window with), `sample_termination`, `device` ("cpu", "cuda", "cuda:N" or "auto": CUDA
+    primes the window with), `sample_termination`, `observation` ("frames" or "latent"), `device` ("cpu", "cuda", "cuda:N" or "auto": CUDA
     when present). Observations and infos are numpy whatever the device.
 
     ## Info
@@ -51,16 +54,18 @@ class WorldFlowEnv(gym.Env):
 
     def __init__(self, checkpoint=None, render_mode: str | None = None, sampler: str = "jacobi",
                  denoiser: str = "flow-score", temperature: float = 1.0, guidance: float | None = None,
-                 context_frames: int | None = None, sample_termination: bool = False, device: str = "cpu"):
+                 context_frames: int | None = None, sample_termination: bool = False, observation: str = "frames",
+                 device: str = "cpu"):
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         self.model, self.start_frames, self.start_actions, self.context_frames = open_world(
-            checkpoint, sampler, denoiser, context_frames, device)
+            checkpoint, sampler, denoiser, context_frames, device, observation)
         cfg = self.model.config
         self.sampler, self.denoiser, self.temperature, self.guidance = sampler, denoiser, temperature, guidance
         self.sample_termination, self.render_mode, self.device = sample_termination, render_mode, self.model.device
+        self.observation = observation
         self.action_meanings, self.event_names = list(cfg.action_meanings), list(cfg.event_names)
-        self.observation_space = spaces.Box(0, 255, (cfg.frame_size, cfg.frame_size, 3), np.uint8)
+        self.observation_space = observation_space(self.model, observation)
         self.action_space = spaces.Discrete(cfg.num_actions)
         self._state, self._frame, self._window = None, None, None
 
@@ -76,7 +81,7 @@ class WorldFlowEnv(gym.Env):
         self._frame = frames[0, -1].numpy().copy()
         if self.render_mode == "human":
             self.render()
-        return self._frame.copy(), {"event_risk": self._state.event_risk[0].cpu().numpy()}
+        return self._observation(), {"event_risk": self._state.event_risk[0].cpu().numpy()}
 
     def step(self, action):
         if self._state is None:
@@ -90,7 +95,12 @@ class WorldFlowEnv(gym.Env):
                 "terminated_prob": float(out.terminated[0]), "event_risk": out.event_risk[0].cpu().numpy()}
         if self.render_mode == "human":
             self.render()
-        return self._frame.copy(), float(out.reward[0]), bool(terminated[0]), False, info
+        return self._observation(), float(out.reward[0]), bool(terminated[0]), False, info
+
+    def _observation(self) -> np.ndarray:
+        if self.observation == "latent":
+            return self.model.features(self._state)[0].cpu().numpy()
+        return self._frame.copy()
 
     def render(self):
         if self.render_mode == "rgb_array":

@@ -192,6 +192,51 @@ def test_guided_vector_env_matches_guided_single_env(endless_world):
     assert vec._state.cache.batch_size == 4  # [cond; null] rows for 2 envs
 
 
+def test_latent_observations_are_the_worlds_own_state_in_both_envs(endless_world):
+    env = gym.make("WorldFlow-v0", checkpoint=str(endless_world), observation="latent", render_mode="rgb_array")
+    model = env.unwrapped.model
+    check_env(env.unwrapped)
+    assert env.observation_space == gym.spaces.Box(-np.inf, np.inf, (model.feature_size,), np.float32)
+    obs, _ = env.reset(seed=3)
+    obs, *_ = env.step(1)
+    state = env.unwrapped._state
+    assert np.array_equal(obs, model.features(state)[0].numpy())
+    assert np.array_equal(obs[model.config.width:], state.last_clean[0].flatten().numpy())  # z after h
+    assert env.render().shape == (64, 64, 3)  # the frame is still what one watches
+    vec = WorldFlowVectorEnv(num_envs=2, checkpoint=str(endless_world), observation="latent", max_episode_steps=2)
+    obs, _ = vec.reset(seed=3)
+    assert obs.shape == (2, model.feature_size) and obs.dtype == np.float32
+    single = gym.make("WorldFlow-v0", checkpoint=str(endless_world), observation="latent")
+    ref = single.reset(seed=3)[0]
+    assert np.abs(obs[0] - ref).max() < 1e-4
+    for expected_reset in (False, False, True):  # a row reset by autoreset shows its new start's state
+        obs = vec.step(np.array([1, 2]))[0]
+        ref = single.reset()[0] if expected_reset else single.step(1)[0]
+        assert np.abs(obs[0] - ref).max() < 1e-3
+    with pytest.raises(ValueError, match="observation must be one of"):
+        WorldFlowEnv(checkpoint=str(endless_world), observation="pixels")
+
+
+def test_observe_advances_a_state_with_real_frames(endless_world):
+    from worldflow.pretrained import load_world
+
+    model, frames, actions = load_world(endless_world)
+    state = model.start(frames[:2], actions[:2])
+    length = state.cache.length
+    real = frames[:2, -1].flip(1)  # any real-looking frames (2, S, S, 3): mirrored
+    model.observe(state, real, torch.tensor([1, 2]))
+    assert state.cache.length == length  # the window slid: constant memory, as a dream's step
+    assert torch.equal(state.last_clean, model.frames_to_latents(real[:, None])[:, 0])  # what it saw, not a dream
+    twin = model.start(frames[:2], actions[:2])
+    model.observe(twin, real, torch.tensor([2, 1]))  # the same frames after other actions
+    assert not torch.allclose(state.hidden, twin.hidden)  # the state remembers what was done
+    assert model.sample_next(state, torch.tensor([0, 0])).frames.shape == (2, 64, 64, 3)  # a dream goes on from it
+    with pytest.raises(ValueError, match="shape"):
+        model.observe(state, real[:, :32], torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="action"):
+        model.observe(state, real, torch.tensor([0]))
+
+
 def test_embedded_default_world_loads_with_no_arguments():
     from worldflow.pretrained import EMBEDDED, EMBEDDED_WORLDS
 

@@ -78,6 +78,7 @@ class WorldState:
     last_noisy: torch.Tensor  # (B, C, h, w) last noisy latent grid: the denoiser's context
     last_clean: torch.Tensor  # (B, C, h, w) last clean (denoised) latent grid: the heads' context
     event_risk: torch.Tensor  # (B, E) the event heads' probabilities at the last frame
+    hidden: torch.Tensor  # (B, width) the deep block's state after the last frame: what the heads read
     guidance: float | None
 
 
@@ -433,9 +434,44 @@ class WorldFlowModel(PreTrainedModel):
             hidden = self.deep.forward_frame(x, cache, c)[2]
         # the heads on the last real frame, as training reads them: the risk a dream starts from
         previous = latents[:, -2] if W > 1 else latents[:, -1]
-        risk = torch.sigmoid(self.heads(latents[:, -1], previous, hidden[:frames.shape[0]]).events)
+        hidden = hidden[:frames.shape[0]]
+        risk = torch.sigmoid(self.heads(latents[:, -1], previous, hidden).events)
         return WorldState(cache, tokens[:, -1], torch.stack(shallow_inputs, dim=1), noisy[:, -1], latents[:, -1],
-                          risk, guidance)
+                          risk, hidden, guidance)
+
+    @torch.inference_mode()
+    def observe(self, state: WorldState, frames: torch.Tensor, action: torch.Tensor,
+                generator: torch.Generator | None = None) -> WorldState:
+        """Advance `state` in place with real frames (B, S, S, 3) that followed `action` (B,), instead of
+        dreaming them: the world filtering what it sees, as Ha & Schmidhuber's RNN reads the real game.
+        The frame enters the window as `start` primes it (noisy latents, no inversion), and `features`
+        of the result are a real game's state in the dream's own terms."""
+        self.check_frames(frames[:, None])
+        B = frames.shape[0]
+        self.check_actions(action[:, None] if isinstance(action, torch.Tensor) else action, B, 1, "action")
+        latents = self.frames_to_latents(frames[:, None])[:, 0]  # (B, C, h, w)
+        noisy = add_noise(latents, self.config.noise_sigma, generator)
+        tokens, shallow_inputs = self.to_tokens(noisy)[:, None], []
+        for block in self.shallow:
+            shallow_inputs.append(tokens[:, 0])
+            tokens = block(tokens)[0]
+        x, cond = self._both_branches(tokens[:, 0], action.long().to(self.device), state.guidance)
+        hidden = self.deep.forward_frame(x, state.cache, cond)[2][:B]
+        state.cache.slide(self.tokens_per_frame + 1)
+        state.event_risk = torch.sigmoid(self.heads(latents, state.last_clean, hidden).events)
+        state.last_solution, state.last_shallow = tokens[:, 0], torch.stack(shallow_inputs, dim=1)
+        state.last_noisy, state.last_clean, state.hidden = noisy, latents, hidden
+        return state
+
+    @property
+    def feature_size(self) -> int:
+        """Length of `features`: the deep block's width plus the latent grid's C*h*w."""
+        return self.config.width + self.config.latent_channels * self.grid**2
+
+    def features(self, state: WorldState) -> torch.Tensor:
+        """The world's causal state at its last frame as a flat vector (B, feature_size): the deep block's
+        hidden state (its memory of the window, Ha & Schmidhuber's h) and the frame's clean latent grid (z)."""
+        return torch.cat([state.hidden, state.last_clean.flatten(1)], dim=-1).float()
 
     def _tweedie(self, noisy: torch.Tensor, past: KVCache, cond: torch.Tensor) -> torch.Tensor:
         """Exact reference: x~ + sigma^2 * grad log p(x~_t | past, action), by autograd through the flow.
@@ -494,7 +530,7 @@ class WorldFlowModel(PreTrainedModel):
             clean = noisy
         logits = self.heads(clean, state.last_clean, deep.hidden)
         log_p = gaussian_log_prob(z) + logdet
-        state.last_solution, state.last_noisy, state.last_clean = deep.x, noisy, clean
+        state.last_solution, state.last_noisy, state.last_clean, state.hidden = deep.x, noisy, clean, deep.hidden
         state.event_risk = torch.sigmoid(logits.events)
         state.last_shallow = torch.stack(shallow_inputs, dim=1)
         state.cache.slide(self.tokens_per_frame + 1)  # the window is always full: drop its oldest frame

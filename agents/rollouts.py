@@ -20,7 +20,7 @@ class RolloutWorker:
         self.worker_id = worker_id
         self.env = WorldFlowVectorEnv(num_envs=num_envs, checkpoint=checkpoint, max_episode_steps=horizon,
                                       sample_termination=sample_termination, guidance=guidance, device=device,
-                                      sampler=sampler)
+                                      sampler=sampler, observation=spec.observation)
         self.net = ActorCritic(spec).eval()
         self.generator = torch.Generator().manual_seed(seed)
         obs, info = self.env.reset(seed=seed)
@@ -32,7 +32,7 @@ class RolloutWorker:
     @torch.no_grad()
     def rollout(self, weights: dict, steps: int) -> dict:
         """`steps` steps of every dream under the given policy weights -> a trajectory of numpy arrays:
-        stacks (T+1, N, K, S, S, 3) uint8, event_risk (T+1, N, E) at the same frames, actions / rewards /
+        stacks (T+1, N, K, S, S, 3) uint8 (or features (T+1, N, K, F) float32), event_risk (T+1, N, E) at the same frames, actions / rewards /
         terminated / truncated / reset_step (T, N), plus the returns of the episodes that ended and this
         worker's id."""
         self.net.load_state_dict(weights)

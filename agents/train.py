@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from worldflow.envs.dreams import OBSERVATIONS
 from worldflow.pretrained import load_world
 from worldflow.world_model import SAMPLERS
 from worldflow.train import (checkpoint_dir_to_resume, has_checkpoint, load_optimizer, optimizer_tensors,
@@ -66,10 +67,16 @@ class AgentConfig:
     # how the dreams invert the flow: the same frames up to Jacobi's tolerance, a speed choice. On the
     # 2-core CPU of docs/throughput.md sequential was 1.3x faster at 16 guided dreams; Jacobi wins on GPUs.
     sampler: str = "jacobi"
+    # what the agent sees: the dreamed frames ("frames", a convolutional encoder) or the world's own state
+    # at each frame ("latent": its deep hidden state and latent grid, as Ha & Schmidhuber's controller read
+    # z and h; in the real game the world computes them from the real frames)
+    observation: str = "frames"
 
     def __post_init__(self):  # here, not in the CLI, so a config built in Python is checked as well
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler (--sampler) must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.observation not in OBSERVATIONS:
+            raise ValueError(f"observation (--observation) must be one of {OBSERVATIONS}, got {self.observation!r}")
         if self.entropy < 0:
             raise ValueError(f"entropy (--entropy) is a bonus weight >= 0, got {self.entropy}")
         if self.lr <= 0:
@@ -114,10 +121,14 @@ def train_agent(cfg: AgentConfig, out, checkpoint=None, workers: int = 0, ray_ad
     from tqdm import tqdm
 
     out = Path(out)
-    world = load_world(checkpoint)[0].config  # fails early, here, on a bad world
+    model = load_world(checkpoint)[0]  # fails early, here, on a bad world
+    world = model.config
     spec = AgentSpec(num_actions=world.num_actions, frame_size=world.frame_size, frame_stack=cfg.frame_stack,
                      width=cfg.width, env_id=world.env_id, action_meanings=list(world.action_meanings),
-                     obs_key=world.obs_key, env_kwargs=dict(world.env_kwargs))
+                     obs_key=world.obs_key, env_kwargs=dict(world.env_kwargs), observation=cfg.observation,
+                     feature_size=model.feature_size if cfg.observation == "latent" else 0,
+                     world=None if checkpoint is None else str(checkpoint))
+    del model
     torch.manual_seed(cfg.seed)
     net = ActorCritic(spec)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, eps=1e-5)

@@ -141,6 +141,29 @@ def test_agent_eval_plays_the_real_game_beside_random_and_the_best_periodic_poli
     assert 0 <= policy(np.zeros((64, 64, 3), np.uint8)) < 4
 
 
+def test_latent_agent_trains_on_the_dreams_state_and_reads_real_frames_through_its_world(endless_world, tmp_path):
+    out = tmp_path / "latent"
+    assert main(["agent", "train", "--checkpoint", str(endless_world), "--steps", "32", "--envs", "2",
+                 "--horizon", "5", "--observation", "latent", "--out", str(out)]) == 0
+    net = load_agent(out)
+    assert net.spec.observation == "latent" and net.spec.world == str(endless_world)
+    policy = AgentPolicy(out, seed=0)
+    assert net.spec.feature_size == policy.observer.feature_size > 0
+    frames = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)  # real-game-sized frames
+    assert all(0 <= policy(f) < 4 for f in frames)
+    # what the agent saw last: the world's state after observing the three frames and the agent's own actions
+    observer = policy.observer
+    assert np.array_equal(policy.stack.frames[0, -1], observer.model.features(observer.state)[0].numpy())
+    assert torch.equal(observer.state.last_clean, observer.model.frames_to_latents(torch.from_numpy(frames[-1:])[:, None])[:, 0])
+    spec = net.spec
+    spec.feature_size += 1
+    save_agent(ActorCritic(spec), tmp_path / "mismatch")
+    with pytest.raises(ValueError, match="features"):
+        AgentPolicy(tmp_path / "mismatch")
+    with pytest.raises(ValueError, match="observation"):
+        AgentConfig(observation="pixels")
+
+
 def test_missing_or_corrupt_agents_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_agent(tmp_path)

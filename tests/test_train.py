@@ -131,6 +131,30 @@ def test_optimiser_and_schedule_choices_come_from_the_config(breakout_data, tmp_
     assert lr_at(100, 100, 1.0, 10, 0.25) == pytest.approx(0.25) and lr_at(55, 100, 1.0, 10, 0.25) == pytest.approx(0.625)
 
 
+def test_mirror_augmentation_flips_clips_and_swaps_their_actions(breakout_data, tmp_path):
+    tiny = load_config(TINY).to_dict()
+    plain = Trainer(load_config(TINY), str(breakout_data), str(tmp_path / "plain"))
+    mirror = [0, 1, 3, 2]  # Breakout: NOOP, FIRE, RIGHT <-> LEFT
+    cfg = config_from_dict({"model": tiny["model"], "train": {**tiny["train"], "mirror_actions": mirror}})
+    trainer = Trainer(cfg, str(breakout_data), str(tmp_path / "mirror"))
+    flipped = same = 0
+    for _ in range(4):  # the same generator state draws the same clips; the mirror trainer flips about half
+        a, b = plain.batch(), trainer.batch()
+        for i in range(len(a["frames"])):
+            if torch.equal(a["frames"][i], b["frames"][i]):
+                same += 1
+                assert torch.equal(a["actions"][i], b["actions"][i])
+            else:
+                flipped += 1
+                assert torch.equal(a["frames"][i].flip(-2), b["frames"][i])
+                assert torch.equal(torch.tensor(mirror)[a["actions"][i]], b["actions"][i])
+        trainer.generator.set_state(plain.generator.get_state())  # realign after the flip draws
+    assert flipped > 0 and same > 0
+    bad = config_from_dict({"model": tiny["model"], "train": {**tiny["train"], "mirror_actions": [0, 1, 2]}})
+    with pytest.raises(ValueError, match="mirror_actions"):
+        Trainer(bad, str(breakout_data), str(tmp_path / "bad"))
+
+
 def test_fine_tune_keeps_the_autoencoder_and_trains_what_the_old_checkpoint_lacked(tiny_run, breakout_data, tmp_path):
     _, run = tiny_run
     old = tmp_path / "old"  # as written by an older model: one tensor missing, one the model no longer has

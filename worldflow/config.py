@@ -84,6 +84,11 @@ class TrainConfig:
     # fine-tune: start from this checkpoint's weights (same architecture; tensors it lacks keep their
     # initialisation). With ae_steps 0 its autoencoder and latent statistics are kept as they are.
     init: str = ""
+    # mirror augmentation for a game that is its own mirror image (Take Cover's room; not a game with a
+    # score drawn in text): each training clip is flipped left-right with probability 1/2 and its actions
+    # mapped through this list (action i -> mirror_actions[i], e.g. [0, 2, 1]: NOOP, RIGHT <-> LEFT). A world
+    # that favours one direction only because its data happened to, cannot. Empty: off.
+    mirror_actions: list = field(default_factory=list)
 
 
 @dataclass
@@ -104,7 +109,7 @@ def _build(cls, values: dict, where: str):
         if key not in known:
             raise ValueError(f"unknown config key '{where}.{key}' (known keys: {', '.join(known)})")
         expected = known[key].type
-        expected = {"int": int, "float": float, "str": str, "bool": bool}.get(expected, expected)
+        expected = {"int": int, "float": float, "str": str, "bool": bool, "list": list}.get(expected, expected)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):

@@ -168,6 +168,14 @@ class Trainer:
         self.train_set = ClipDataset(data, t.clip_frames, "train", t.val_fraction)
         self.manifest = self.train_set.manifest
         self.contexts = start_contexts(data, cfg.model.context_frames, t.val_fraction, t.start_contexts)
+        self.mirror = None
+        if t.mirror_actions:
+            n = len(self.manifest["action_meanings"])
+            if sorted(t.mirror_actions) != list(range(n)):
+                raise ValueError(f"config key 'train.mirror_actions' must map each of the data's {n} actions "
+                                 f"{self.manifest['action_meanings']} to its mirror image (a permutation of "
+                                 f"0..{n - 1}), got {t.mirror_actions}")
+            self.mirror = torch.tensor(t.mirror_actions)
         torch.manual_seed(t.seed)
         self.model = build_model(cfg, self.manifest).to(self.device)
         m = self.model
@@ -208,7 +216,12 @@ class Trainer:
     def batch(self) -> dict:
         """A batch of random training clips on the trainer's device (drawn from its CPU generator)."""
         idx = torch.randint(len(self.train_set), (self.cfg.train.batch_size,), generator=self.generator)
-        return {k: v.to(self.device) for k, v in default_collate([self.train_set[int(i)] for i in idx]).items()}
+        batch = default_collate([self.train_set[int(i)] for i in idx])
+        if self.mirror is not None:  # each clip flipped left-right with probability 1/2, its actions mirrored
+            flip = torch.rand(len(idx), generator=self.generator) < 0.5
+            batch["frames"][flip] = batch["frames"][flip].flip(-2)  # (B, T, H, W, 3): W
+            batch["actions"][flip] = self.mirror[batch["actions"][flip]]
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     def mixed_precision(self):
         """bf16 autocast around a forward pass where chosen (TrainConfig.autocast), else nothing."""

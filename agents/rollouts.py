@@ -32,9 +32,9 @@ class RolloutWorker:
     @torch.no_grad()
     def rollout(self, weights: dict, steps: int) -> dict:
         """`steps` steps of every dream under the given policy weights -> a trajectory of numpy arrays:
-        stacks (T+1, N, K, S, S, 3) uint8 (or features (T+1, N, K, F) float32), event_risk (T+1, N, E) at the same frames, actions / rewards /
-        terminated / truncated / reset_step (T, N), plus the returns of the episodes that ended and this
-        worker's id."""
+        stacks (T+1, N, K, S, S, 3) uint8 (or features (T+1, N, K, F) float32), event_risk (T+1, N, E) at
+        the same frames, actions / rewards / terminated / truncated / reset_step (T, N), plus the returns of
+        the episodes that ended and this worker's id."""
         self.net.load_state_dict(weights)
         stacks, actions, rewards, terminated, truncated, resets, returns = [self.stack.frames.copy()], [], [], [], [], [], []
         risks = [self.risk]

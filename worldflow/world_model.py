@@ -405,6 +405,16 @@ class WorldFlowModel(PreTrainedModel):
             return x, cond
         return torch.cat([x, x]), torch.cat([cond, torch.full_like(cond, self.config.num_actions)])
 
+    def _shallow_forward(self, noisy: torch.Tensor):
+        """Noisy latents (B, T, C, h, w) of real frames through the local blocks -> the deep block's input
+        tokens (B, T, N, D), and each shallow block's input at the last frame (B, shallow_blocks, N, D): the
+        warm starts a dream's next inversion begins from."""
+        tokens, shallow_inputs = self.to_tokens(noisy), []
+        for block in self.shallow:
+            shallow_inputs.append(tokens[:, -1])
+            tokens = block(tokens)[0]
+        return tokens, torch.stack(shallow_inputs, dim=1)
+
     @torch.inference_mode()
     def start(self, frames: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None,
               guidance: float | None = None) -> WorldState:
@@ -424,10 +434,7 @@ class WorldFlowModel(PreTrainedModel):
         cond = F.pad(cond, (W - K, 0), value=self.config.num_actions)
         latents = self.frames_to_latents(frames)
         noisy = add_noise(latents, self.config.noise_sigma, generator)
-        tokens, shallow_inputs = self.to_tokens(noisy), []
-        for block in self.shallow:
-            shallow_inputs.append(tokens[:, -1])
-            tokens = block(tokens)[0]
+        tokens, shallow_inputs = self._shallow_forward(noisy)
         cache = self.deep.transformer.new_cache()
         for t in range(W):
             x, c = self._both_branches(tokens[:, t], cond[:, t], guidance)
@@ -436,7 +443,7 @@ class WorldFlowModel(PreTrainedModel):
         previous = latents[:, -2] if W > 1 else latents[:, -1]
         hidden = hidden[:frames.shape[0]]
         risk = torch.sigmoid(self.heads(latents[:, -1], previous, hidden).events)
-        return WorldState(cache, tokens[:, -1], torch.stack(shallow_inputs, dim=1), noisy[:, -1], latents[:, -1],
+        return WorldState(cache, tokens[:, -1], shallow_inputs, noisy[:, -1], latents[:, -1],
                           risk, hidden, guidance)
 
     @torch.inference_mode()
@@ -451,15 +458,12 @@ class WorldFlowModel(PreTrainedModel):
         self.check_actions(action[:, None] if isinstance(action, torch.Tensor) else action, B, 1, "action")
         latents = self.frames_to_latents(frames[:, None])[:, 0]  # (B, C, h, w)
         noisy = add_noise(latents, self.config.noise_sigma, generator)
-        tokens, shallow_inputs = self.to_tokens(noisy)[:, None], []
-        for block in self.shallow:
-            shallow_inputs.append(tokens[:, 0])
-            tokens = block(tokens)[0]
+        tokens, shallow_inputs = self._shallow_forward(noisy[:, None])
         x, cond = self._both_branches(tokens[:, 0], action.long().to(self.device), state.guidance)
         hidden = self.deep.forward_frame(x, state.cache, cond)[2][:B]
         state.cache.slide(self.tokens_per_frame + 1)
         state.event_risk = torch.sigmoid(self.heads(latents, state.last_clean, hidden).events)
-        state.last_solution, state.last_shallow = tokens[:, 0], torch.stack(shallow_inputs, dim=1)
+        state.last_solution, state.last_shallow = tokens[:, 0], shallow_inputs
         state.last_noisy, state.last_clean, state.hidden = noisy, latents, hidden
         return state
 

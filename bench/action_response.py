@@ -7,8 +7,9 @@ is held for --hold steps, in the real game (the episode replayed from its seed, 
 repeat exactly) and in the dream (started from the last context_frames real frames, the same noise for
 every action). Printed per action: how far its last frame lies from each other action's (mean absolute
 difference, grey levels per pixel: how much the choice of action shows), and how often each world
-event happened within the hold in the real game beside the dream's mean predicted risk for it. A dream
-that can teach moves as far as the game does and ranks the actions' risks as the game does.
+event happened within the hold in the real game beside the dream's mean predicted risk for it, and, start
+by start, how often the risk picks out the action the game spared (`ranking_agreement`). A dream that can
+teach moves as far as the game does and ranks the actions' risks as the game does, state by state.
 """
 
 import argparse
@@ -64,7 +65,7 @@ def real_branches(env_id, obs_key, env_kwargs: dict, seed: int, prefix: np.ndarr
 
 def real_head_risk(model, contexts: np.ndarray, context_actions: np.ndarray, holds: np.ndarray) -> np.ndarray:
     """The event heads read on the real game's own frames over each hold: contexts (N, K, S, S, 3), the K-1
-    actions between them (N, K-1), holds (N, A, H, S, S, 3) -> mean risk over the hold (N, A, E). Beside the
+    actions between them (N, K-1), holds (N, A, H, S, S, 3) -> the risk at each step of the hold (N, A, H, E). Beside the
     dream's risk it tells the heads' judgement apart from the dream's drawing."""
     N, A, H = holds.shape[:3]
     K = contexts.shape[1]
@@ -74,7 +75,7 @@ def real_head_risk(model, contexts: np.ndarray, context_actions: np.ndarray, hol
     risks = [model.start(torch.from_numpy(frames[:, t + 1:t + 1 + K].copy()),
                          torch.from_numpy(actions[:, t + 1:t + K].copy()).long()).event_risk.numpy()
              for t in range(H)]  # the window ending at the hold's step t
-    return np.stack(risks).mean(0).reshape(N, A, -1)
+    return np.stack(risks, 2).reshape(N, A, H, -1)
 
 
 def mean_pairwise_difference(frames: np.ndarray) -> np.ndarray:
@@ -84,6 +85,23 @@ def mean_pairwise_difference(frames: np.ndarray) -> np.ndarray:
     for a, b in itertools.combinations(range(A), 2):
         out[a, b] = out[b, a] = np.abs(frames[:, a].astype(np.float64) - frames[:, b]).mean()
     return out
+
+
+def ranking_agreement(outcome: np.ndarray, risk: np.ndarray) -> tuple[float, int]:
+    """outcome (N, A) bool: the event happened in the real game over that action's hold; risk (N, A) the
+    predicted risk. Over every start's pairs of actions whose real outcomes differ, the fraction where the
+    risk is lower for the action that was spared (ties count half; 0.5 is a coin), and the number of such
+    pairs. This asks what an agent needs: which action is safer here, not on average, so it is read beside
+    a state-blind ranking (each action's mean risk at every start)."""
+    right, pairs = 0.0, 0
+    for a, b in itertools.combinations(range(outcome.shape[1]), 2):
+        differ = outcome[:, a] != outcome[:, b]
+        spared_a = ~outcome[differ, a]
+        lower_a = risk[differ, a] < risk[differ, b]
+        ties = risk[differ, a] == risk[differ, b]
+        right += ((lower_a == spared_a) & ~ties).sum() + 0.5 * ties.sum()
+        pairs += int(differ.sum())
+    return (right / pairs if pairs else float("nan")), pairs
 
 
 def main() -> None:
@@ -115,7 +133,8 @@ def main() -> None:
         real_drops.append(drops)
     real_holds, real_drops = np.stack(real_holds), np.stack(real_drops).astype(np.float64)  # (N, A, hold, ...), (N, A, V)
     real_last = real_holds[:, :, -1]
-    real_risk = real_head_risk(model, np.stack(contexts), np.stack(context_actions), real_holds)
+    real_steps = real_head_risk(model, np.stack(contexts), np.stack(context_actions), real_holds)  # (N, A, hold, E)
+    real_risk = real_steps.mean(2)
 
     # the dream: every start under every action as one batch, rows (start, action), the same noise per start
     N = args.starts
@@ -130,7 +149,8 @@ def main() -> None:
         step = model.sample_next(state, held, noise=noise)
         risks.append(step.event_risk.numpy())
     dream_last = step.frames.numpy().reshape(N, A, *step.frames.shape[1:])
-    dream_risk = np.stack(risks).mean(0).reshape(N, A, -1)  # mean over the hold: (N, A, E)
+    dream_steps = np.stack(risks, 1).reshape(N, A, args.hold, -1)  # (N, A, hold, E)
+    dream_risk = dream_steps.mean(2)
 
     meanings, events = list(cfg.action_meanings), list(cfg.event_names)
     real_diff, dream_diff = mean_pairwise_difference(real_last), mean_pairwise_difference(dream_last)
@@ -150,10 +170,26 @@ def main() -> None:
         rates = real_rate[name]
         print(f"  {name}: " + ", ".join(f"{meanings[a]} {rates[a]:.2f} / {real_risk[:, a, e].mean():.2f} / "
                                         f"{dream_risk[:, a, e].mean():.2f}" for a in range(A)))
+    agreement = {}
+    for e, name in enumerate(events):
+        if name.endswith("_drop") and name.removesuffix("_drop") in variables:
+            outcome = real_drops[..., variables.index(name.removesuffix("_drop"))] > 0  # (N, A)
+            # over the hold (the frames may show the hit) and at its first step (a prediction, what an agent decides on)
+            # state-blind: each action's mean risk at every start (what ranking the actions on average earns)
+            blind = np.broadcast_to(real_steps[:, :, 0, e].mean(0), outcome.shape)
+            (real_mean, pairs), (dream_mean, _), (real_first, _), (dream_first, _), (blind_first, _) = (
+                ranking_agreement(outcome, r) for r in
+                (real_risk[..., e], dream_risk[..., e], real_steps[:, :, 0, e], dream_steps[:, :, 0, e], blind))
+            agreement[name] = dict(pairs=pairs, real_frames=real_mean, dream=dream_mean, real_frames_first_step=real_first,
+                                   dream_first_step=dream_first, state_blind=blind_first)
+            print(f"  {name}, per start: of {pairs} action pairs the game tells apart, the spared one has the lower "
+                  f"risk over the hold / at its first step: real frames {real_mean:.2f} / {real_first:.2f}, dream "
+                  f"{dream_mean:.2f} / {dream_first:.2f}; state-blind (each action's mean risk) {blind_first:.2f}")
     result = dict(checkpoint=str(args.checkpoint), starts=N, hold=args.hold, guidance=args.guidance,
                   actions=meanings, real_difference=real_diff.tolist(), dream_difference=dream_diff.tolist(),
                   events=events, real_event_rate={k: v.tolist() for k, v in real_rate.items()},
-                  real_frames_event_risk=real_risk.mean(0).tolist(), dream_event_risk=dream_risk.mean(0).tolist())
+                  real_frames_event_risk=real_risk.mean(0).tolist(), dream_event_risk=dream_risk.mean(0).tolist(),
+                  ranking_agreement=agreement)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(args.out), result)
     print(f"wrote {args.out}")

@@ -14,13 +14,14 @@ class RolloutWorker:
 
     def __init__(self, spec: AgentSpec, checkpoint, num_envs: int, horizon: int, seed: int, worker_id: int = 0,
                  threads: int = 0, sample_termination: bool = False, guidance: float | None = None,
-                 device: str = "cpu", sampler: str = "jacobi"):
+                 device: str = "cpu", sampler: str = "jacobi", start_contexts: str | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.worker_id = worker_id
         self.env = WorldFlowVectorEnv(num_envs=num_envs, checkpoint=checkpoint, max_episode_steps=horizon,
                                       sample_termination=sample_termination, guidance=guidance, device=device,
-                                      sampler=sampler, observation=spec.observation)
+                                      sampler=sampler, observation=spec.observation,
+                                      start_contexts=start_contexts)
         self.net = ActorCritic(spec).eval()
         self.generator = torch.Generator().manual_seed(seed)
         obs, info = self.env.reset(seed=seed)
@@ -64,9 +65,12 @@ class RolloutPool:
 
     def __init__(self, spec: AgentSpec, checkpoint, workers: int, num_envs: int, horizon: int, seed: int,
                  ray_address: str | None = None, sample_termination: bool = False, guidance: float | None = None,
-                 device: str = "cpu", gpus_per_worker: float = 0.0, sampler: str = "jacobi"):
+                 device: str = "cpu", gpus_per_worker: float = 0.0, sampler: str = "jacobi",
+                 start_contexts: str | None = None):
         self.args = (spec, None if checkpoint is None else str(checkpoint), num_envs, horizon)
-        self.options = dict(sample_termination=sample_termination, guidance=guidance, device=device, sampler=sampler)
+        # start_contexts is a file path: Ray workers on other machines need it at the same path
+        self.options = dict(sample_termination=sample_termination, guidance=guidance, device=device, sampler=sampler,
+                            start_contexts=start_contexts)
         self.seed, self.replaced, self.remote = seed, 0, workers > 0
         if not self.remote:
             self.workers = [RolloutWorker(*self.args, seed, **self.options)]

@@ -6,12 +6,14 @@ several epochs per batch would reuse data, but its clipping machinery buys littl
 short, on-policy and fresh each update, and λ-returns over a 15-step imagination horizon are what
 both world-model papers measured to work.
 
-Run directory: agent.json (the hyperparameters), metrics.csv, latest/ (config.json + model.safetensors,
+Run directory: agent.json (the hyperparameters), metrics.csv, start_contexts.safetensors (with --starts:
+the real clips dreams start from), latest/ (config.json + model.safetensors,
 a loadable agent, plus optimizer.safetensors + trainer.json to resume), swapped in atomically.
 """
 
 import csv
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,11 +22,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from worldflow.config import TrainConfig
+from worldflow.data import load_manifest
 from worldflow.envs.dreams import OBSERVATIONS
-from worldflow.pretrained import load_world
+from worldflow.pretrained import CONTEXTS, load_world
 from worldflow.world_model import SAMPLERS
 from worldflow.train import (checkpoint_dir_to_resume, has_checkpoint, load_optimizer, optimizer_tensors,
-                             save_checkpoint_dir, trim_metrics)
+                             save_checkpoint_dir, start_contexts, trim_metrics)
 
 from .actor_critic import ActorCritic, AgentSpec, lambda_returns, save_agent
 from .rollouts import RolloutPool
@@ -71,6 +75,13 @@ class AgentConfig:
     # at each frame ("latent": its deep hidden state and latent grid, as Ha & Schmidhuber's controller read
     # z and h; in the real game the world computes them from the real frames)
     observation: str = "frames"
+    # where dreams start: None, the world's few shipped start contexts (episode openings, as a user's
+    # reset); or datasets of the world's game, whose training episodes give start_count real clips spread
+    # over whole episodes, as DIAMOND and IRIS start imagination from real states of their replay buffer.
+    # The first dreamed steps from a real mid-episode state (fireballs in flight) are the dream's most
+    # faithful ones; from openings alone the agent meets such states only as dreamed drifting frames.
+    starts: list[str] | None = None
+    start_count: int = 1024
 
     def __post_init__(self):  # here, not in the CLI, so a config built in Python is checked as well
         if self.sampler not in SAMPLERS:
@@ -81,6 +92,8 @@ class AgentConfig:
             raise ValueError(f"entropy (--entropy) is a bonus weight >= 0, got {self.entropy}")
         if self.lr <= 0:
             raise ValueError(f"lr (--lr) is a learning rate > 0, got {self.lr}")
+        if self.start_count < 1:
+            raise ValueError(f"start_count (--start-count) must be at least 1, got {self.start_count}")
 
 
 def shaped_rewards(rewards, risk, terminated, gamma: float, penalty: float, cost: float = 0.0) -> torch.Tensor:
@@ -109,6 +122,24 @@ def a2c_loss(net: ActorCritic, batch: dict, cfg: AgentConfig):
         event_risk=((risk[1:] * mask).sum() / n).item())
 
 
+def check_starts(cfg: AgentConfig, world) -> None:
+    """cfg.starts must be datasets of the world's game, played with its env options."""
+    manifest = load_manifest(cfg.starts)
+    recorded = (manifest["env_id"], manifest.get("env_kwargs", {}))
+    if recorded != (world.env_id, dict(world.env_kwargs)):
+        raise ValueError(f"--starts {' '.join(cfg.starts)} holds {recorded[0]} {recorded[1]}, but the world was "
+                         f"trained on {world.env_id} {dict(world.env_kwargs)}: start from data of its own game")
+
+
+def draw_start_contexts(cfg: AgentConfig, world, file: Path) -> None:
+    """Write cfg.start_count real clips spread over cfg.starts' training episodes to `file`, atomically."""
+    frames, actions = start_contexts(cfg.starts, world.context_frames, TrainConfig().val_fraction,
+                                     count=cfg.start_count, split="train")
+    tmp = file.with_name(file.name + ".tmp")
+    save_file({"frames": frames.contiguous(), "actions": actions.long().contiguous()}, tmp)
+    os.replace(tmp, file)
+
+
 # agent.json keys from before events were generic -> today's
 LEGACY_CONFIG_KEYS = {"life_loss_penalty": "event_penalty", "life_loss_cost": "event_cost"}
 
@@ -123,6 +154,8 @@ def train_agent(cfg: AgentConfig, out, checkpoint=None, workers: int = 0, ray_ad
     out = Path(out)
     model = load_world(checkpoint)[0]  # fails early, here, on a bad world
     world = model.config
+    if cfg.starts:
+        check_starts(cfg, world)
     spec = AgentSpec(num_actions=world.num_actions, frame_size=world.frame_size, frame_stack=cfg.frame_stack,
                      width=cfg.width, env_id=world.env_id, action_meanings=list(world.action_meanings),
                      obs_key=world.obs_key, env_kwargs=dict(world.env_kwargs), observation=cfg.observation,
@@ -166,9 +199,13 @@ def train_agent(cfg: AgentConfig, out, checkpoint=None, workers: int = 0, ray_ad
 
         return save_checkpoint_dir(out, write)
 
+    contexts = out / CONTEXTS if cfg.starts else None
+    if contexts is not None and not contexts.exists():  # drawn once: a resumed run starts from the same clips
+        draw_start_contexts(cfg, world, contexts)
     # a resumed run continues the policy; its dreams restart from fresh seeds (the env state is not saved)
     pool = RolloutPool(spec, checkpoint, workers, cfg.envs_per_worker, cfg.horizon, cfg.seed + update, ray_address,
-                       cfg.sample_termination, cfg.guidance, device, gpus_per_worker, cfg.sampler)
+                       cfg.sample_termination, cfg.guidance, device, gpus_per_worker, cfg.sampler,
+                       None if contexts is None else str(contexts.resolve()))
     bar = tqdm(total=updates, initial=update, desc="agent", unit="update", disable=not progress)
     log = open(out / "metrics.csv", "a", newline="")
     writer = csv.DictWriter(log, ["update", "frames", "loss", "policy", "value", "entropy", "event_risk", "episodes",

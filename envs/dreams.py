@@ -5,17 +5,18 @@ import torch
 from gymnasium import spaces
 
 from worldflow.devices import pick_device
-from worldflow.pretrained import load_world
+from worldflow.pretrained import load_contexts, load_world
 from worldflow.world_model import DENOISERS, SAMPLERS
 
 OBSERVATIONS = ("frames", "latent")  # what an env step returns: RGB frames, or the world's own state (features)
 
 
 def open_world(checkpoint, sampler: str, denoiser: str, context_frames: int | None, device: str,
-               observation: str = "frames"):
+               observation: str = "frames", start_contexts=None):
     """Load a world and check the env options.
 
     -> (model, start frames, start actions, real context frames a reset uses: all shipped ones by default).
+    The start frames are the world's shipped ones, or those of a `start_contexts` file (the same format).
     """
     if observation not in OBSERVATIONS:
         raise ValueError(f"observation must be one of {OBSERVATIONS}, got {observation!r}")
@@ -24,6 +25,8 @@ def open_world(checkpoint, sampler: str, denoiser: str, context_frames: int | No
     if denoiser not in DENOISERS:
         raise ValueError(f"denoiser must be one of {DENOISERS}, got {denoiser!r}")
     model, frames, actions = load_world(checkpoint, pick_device(device))
+    if start_contexts is not None:
+        frames, actions = load_contexts(start_contexts, model)
     shipped = frames.shape[1]
     if context_frames is not None and not 1 <= context_frames <= shipped:
         raise ValueError(f"context_frames must be in [1, {shipped}], got {context_frames}")

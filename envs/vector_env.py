@@ -28,7 +28,7 @@ class WorldFlowVectorEnv(gym.vector.VectorEnv):
     def __init__(self, num_envs: int = 1, checkpoint=None, render_mode: str | None = None, sampler: str = "jacobi",
                  denoiser: str = "flow-score", temperature: float = 1.0, guidance: float | None = None,
                  context_frames: int | None = None, max_episode_steps: int = 1000, sample_termination: bool = False,
-                 observation: str = "frames", device: str = "cpu"):
+                 observation: str = "frames", start_contexts=None, device: str = "cpu"):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"the vector env renders only 'rgb_array', got {render_mode!r}")
         if num_envs < 1:
@@ -36,7 +36,7 @@ class WorldFlowVectorEnv(gym.vector.VectorEnv):
         if max_episode_steps < 1:
             raise ValueError(f"max_episode_steps must be at least 1, got {max_episode_steps}")
         self.model, self.start_frames, self.start_actions, self.context_frames = open_world(
-            checkpoint, sampler, denoiser, context_frames, device, observation)
+            checkpoint, sampler, denoiser, context_frames, device, observation, start_contexts)
         cfg = self.model.config
         self.num_envs, self.render_mode = num_envs, render_mode
         self.sampler, self.denoiser, self.temperature, self.guidance = sampler, denoiser, temperature, guidance

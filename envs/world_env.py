@@ -41,8 +41,10 @@ class WorldFlowEnv(gym.Env):
     `render_mode` ("rgb_array" or "human"), `sampler` ("jacobi" or "sequential"), `denoiser`
     ("flow-score", "tweedie" or "none"), `temperature` (scale of the sampling noise), `guidance`
     (classifier-free guidance weight over actions, None: off), `context_frames` (real frames a reset
-    primes the window with), `sample_termination`, `observation` ("frames" or "latent"), `device` ("cpu", "cuda", "cuda:N" or "auto": CUDA
-    when present). Observations and infos are numpy whatever the device.
+    primes the window with), `sample_termination`, `observation` ("frames" or "latent"), `start_contexts`
+    (a start_contexts.safetensors file of real clips that resets start from instead of the world's shipped
+    ones, e.g. many clips from mid-episode), `device` ("cpu", "cuda", "cuda:N" or "auto": CUDA when
+    present). Observations and infos are numpy whatever the device.
 
     ## Info
     `event_risk` (E,): the event heads' probabilities that each of the world's events
@@ -55,11 +57,11 @@ class WorldFlowEnv(gym.Env):
     def __init__(self, checkpoint=None, render_mode: str | None = None, sampler: str = "jacobi",
                  denoiser: str = "flow-score", temperature: float = 1.0, guidance: float | None = None,
                  context_frames: int | None = None, sample_termination: bool = False, observation: str = "frames",
-                 device: str = "cpu"):
+                 start_contexts=None, device: str = "cpu"):
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         self.model, self.start_frames, self.start_actions, self.context_frames = open_world(
-            checkpoint, sampler, denoiser, context_frames, device, observation)
+            checkpoint, sampler, denoiser, context_frames, device, observation, start_contexts)
         cfg = self.model.config
         self.sampler, self.denoiser, self.temperature, self.guidance = sampler, denoiser, temperature, guidance
         self.sample_termination, self.render_mode, self.device = sample_termination, render_mode, self.model.device

@@ -164,6 +164,35 @@ def test_latent_agent_trains_on_the_dreams_state_and_reads_real_frames_through_i
         AgentConfig(observation="pixels")
 
 
+def test_dreams_start_from_real_clips_of_the_given_datasets(endless_world, breakout_data, takecover_data, tmp_path):
+    from safetensors.torch import load_file
+
+    from worldflow.data import ClipDataset
+    from worldflow.pretrained import load_world
+
+    out = tmp_path / "starts"
+    assert main(["agent", "train", "--checkpoint", str(endless_world), "--steps", "16", "--envs", "2",
+                 "--horizon", "5", "--starts", str(breakout_data), "--start-count", "6", "--out", str(out)]) == 0
+    drawn = load_file(out / "start_contexts.safetensors")
+    K = load_world(endless_world)[0].config.context_frames
+    assert drawn["frames"].shape[:2] == (6, K) and drawn["actions"].shape == (6, K - 1)
+    clips = ClipDataset(breakout_data, K, "train")  # every drawn clip is a real clip of a training episode
+    real = {clips[i]["frames"].numpy().tobytes() for i in range(len(clips))}
+    assert all(f.numpy().tobytes() in real for f in drawn["frames"])
+    assert len({f.numpy().tobytes() for f in drawn["frames"]}) == 6  # spread, not one clip repeated
+    pool = RolloutPool(AgentSpec(num_actions=4), endless_world, workers=0, num_envs=2, horizon=5, seed=0,
+                       start_contexts=str(out / "start_contexts.safetensors"))
+    assert torch.equal(pool.workers[0].env.start_frames, drawn["frames"])  # the dreams start from them
+    pool.close()
+    assert json.loads((out / "agent.json").read_text())["config"]["starts"] == [str(breakout_data)]
+    # another game's data is refused by name before anything trains
+    assert main(["agent", "train", "--checkpoint", str(endless_world), "--steps", "16", "--envs", "2",
+                 "--starts", str(takecover_data), "--out", str(tmp_path / "doom")]) == 2
+    assert not (tmp_path / "doom").exists()
+    with pytest.raises(ValueError, match="start_count"):
+        AgentConfig(start_count=0)
+
+
 def test_missing_or_corrupt_agents_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_agent(tmp_path)

@@ -89,6 +89,29 @@ def test_reset_from_given_real_frames(world):
         env.reset(options={"frame": frames})
 
 
+def test_resets_start_from_a_given_start_contexts_file(world, tmp_path):
+    from safetensors.torch import save_file
+
+    shipped = WorldFlowEnv(checkpoint=str(world)).start_frames
+    frames = (255 - shipped[:2]).contiguous()  # clips the world does not ship: inverted frames
+    save_file({"frames": frames, "actions": torch.zeros(2, frames.shape[1] - 1, dtype=torch.int64)}, tmp_path / "c.safetensors")
+    for make in (WorldFlowEnv, WorldFlowVectorEnv):
+        env = make(checkpoint=str(world), start_contexts=str(tmp_path / "c.safetensors"))
+        assert torch.equal(env.start_frames, frames)
+        obs, _ = env.reset(seed=0)
+        first = obs if obs.ndim == 3 else obs[0]
+        assert any(np.array_equal(first, f[-1].numpy()) for f in frames)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors does not exist"):
+        WorldFlowEnv(checkpoint=str(world), start_contexts=str(tmp_path / "nope.safetensors"))
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="bad.safetensors is corrupt"):
+        WorldFlowVectorEnv(checkpoint=str(world), start_contexts=str(tmp_path / "bad.safetensors"))
+    save_file({"frames": frames[:, :, :32].contiguous(), "actions": torch.zeros(2, frames.shape[1] - 1, dtype=torch.int64)},
+              tmp_path / "small.safetensors")
+    with pytest.raises(ValueError, match="start context frames"):
+        WorldFlowEnv(checkpoint=str(world), start_contexts=str(tmp_path / "small.safetensors"))
+
+
 def test_vector_env_is_native_and_matches_single_envs_frame_for_frame(endless_world):
     vec = gym.make_vec("WorldFlow-v0", num_envs=3, checkpoint=str(endless_world), max_episode_steps=3)
     assert isinstance(vec, WorldFlowVectorEnv) and vec.metadata["autoreset_mode"] == gym.vector.AutoresetMode.NEXT_STEP

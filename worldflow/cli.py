@@ -208,7 +208,7 @@ def run_agent_train(args) -> None:
                                     entropy=args.entropy, lr=args.lr).items() if v is not None}
     cfg = AgentConfig(steps=args.steps, envs_per_worker=args.envs, horizon=args.horizon, seed=args.seed,
                       sample_termination=args.sample_termination, guidance=args.guidance, sampler=args.sampler,
-                      observation=args.observation, **chosen)
+                      observation=args.observation, starts=args.starts, start_count=args.start_count, **chosen)
     path = train_agent(cfg, args.out, args.checkpoint, args.workers, args.ray_address,
                        device=pick_device(args.device), gpus_per_worker=args.gpus_per_worker)
     print(f"agent: {path}")
@@ -345,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--observation", choices=["frames", "latent"], default="frames",
                    help="what the agent sees: a stack of frames, or the world's own state at each frame "
                    "(its hidden state and latents; the world computes them from real frames in the real game)")
+    p.add_argument("--starts", nargs="+", default=None, metavar="DATA",
+                   help="datasets of the world's game: dreams start from real clips spread over their training "
+                   "episodes (default: the world's few shipped start contexts)")
+    p.add_argument("--start-count", type=int, default=1024, help="how many real clips --starts draws")
     p.add_argument("--event-penalty", type=float, default=None,
                    help="weight of the world's event risk (a life lost, damage) as a shaping potential "
                    "(default: AgentConfig's, 0: the game's rewards alone)")

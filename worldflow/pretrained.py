@@ -40,6 +40,21 @@ def save_contexts(directory, frames: torch.Tensor, actions: torch.Tensor) -> Non
     save_file({"frames": frames.contiguous(), "actions": actions.long().contiguous()}, Path(directory) / CONTEXTS)
 
 
+def load_contexts(file, model) -> tuple[torch.Tensor, torch.Tensor]:
+    """A start contexts file -> its frames (M, K, S, S, 3) uint8 and actions (M, K-1), checked for `model`."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist: start contexts are a {CONTEXTS} file of real clips")
+    try:
+        ctx = load_file(file)
+        frames, actions = ctx["frames"], ctx["actions"]
+    except Exception as e:
+        raise ValueError(f"{file} is corrupt: {type(e).__name__}: {e}") from None
+    model.check_frames(frames, "start context frames")
+    model.check_actions(actions, frames.shape[0], frames.shape[1] - 1, "start context actions")
+    return frames, actions
+
+
 def load_world(path=None, device: str = "cpu"):
     """-> (WorldFlowModel in eval mode, start frames (M, K, S, S, 3), start actions (M, K-1))."""
     from .world_model import WorldFlowModel
@@ -48,11 +63,4 @@ def load_world(path=None, device: str = "cpu"):
     model = WorldFlowModel.from_pretrained(path).to(device).eval()
     if not (path / CONTEXTS).exists():
         raise FileNotFoundError(f"{path} has no {CONTEXTS}: a world needs real frames to start dreams from")
-    try:
-        ctx = load_file(path / CONTEXTS)
-        frames, actions = ctx["frames"], ctx["actions"]
-    except Exception as e:
-        raise ValueError(f"{path / CONTEXTS} is corrupt: {type(e).__name__}: {e}") from None
-    model.check_frames(frames, "start context frames")
-    model.check_actions(actions, frames.shape[0], frames.shape[1] - 1, "start context actions")
-    return model, frames, actions
+    return (model, *load_contexts(path / CONTEXTS, model))

@@ -38,15 +38,19 @@ OUTCOMES = ("rewards", "terminated", "steps_to_event")  # what each step tells t
 START_CONTEXTS = 16
 
 
-def start_contexts(data: str | list[str], frames: int, val_fraction: float, where: str = "spread"):
-    """Real clips a dream can start from, held-out episodes first: (M, K, S, S, 3), (M, K-1); spread
-    over the episodes, or (where="episode_start") each episode's first window."""
+def start_contexts(data: str | list[str], frames: int, val_fraction: float, where: str = "spread",
+                   count: int = START_CONTEXTS, split: str = "val"):
+    """`count` real clips a dream can start from, of the `split` episodes (held-out ones by default; the
+    training ones if those are too short for a whole window): (M, K, S, S, 3), (M, K-1); spread over the
+    episodes, or (where="episode_start") each episode's first window."""
     try:
-        clips = ClipDataset(data, frames, "val", val_fraction)
-    except ValueError:  # held-out episodes too short for a whole window
+        clips = ClipDataset(data, frames, split, val_fraction)
+    except ValueError:
+        if split == "train":
+            raise
         clips = ClipDataset(data, frames, "train", val_fraction)
     firsts = [i for i, (_, start) in enumerate(clips.index) if start == 0] if where == "episode_start" else None
-    picks = spread_clips(clips, START_CONTEXTS, firsts)
+    picks = spread_clips(clips, count, firsts)
     return picks["frames"], picks["actions"]
 
 

@@ -1,6 +1,6 @@
 """Does the dream answer an action as the game does? Each action held from the same real states, in both.
 
-    python bench/action_response.py [--checkpoint takecover] [--starts 32] [--hold 10] [--guidance W]
+    python bench/action_response.py [--checkpoint takecover] [--starts 32] [--hold 10] [--guidance W] [--temperature T]
 
 Each start is a real episode (a fresh seed) played context_frames to --prefix random steps; from there every action
 is held for --hold steps, in the real game (the episode replayed from its seed, which ViZDoom and ALE
@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--hold", type=int, default=10)
     parser.add_argument("--prefix", type=int, default=250, help="random real steps before the hold (at most)")
     parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--temperature", type=float, default=1.0, help="scale of the dream's sampling noise")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "action_response.json"))
     args = parser.parse_args()
@@ -146,7 +147,7 @@ def main() -> None:
     risks = []
     for _ in range(args.hold):
         noise = torch.randn(N, model.tokens_per_frame, model.token_dim, generator=g).repeat_interleave(A, 0)
-        step = model.sample_next(state, held, noise=noise)
+        step = model.sample_next(state, held, noise=noise, temperature=args.temperature)
         risks.append(step.event_risk.numpy())
     dream_last = step.frames.numpy().reshape(N, A, *step.frames.shape[1:])
     dream_steps = np.stack(risks, 1).reshape(N, A, args.hold, -1)  # (N, A, hold, E)
@@ -154,7 +155,8 @@ def main() -> None:
 
     meanings, events = list(cfg.action_meanings), list(cfg.event_names)
     real_diff, dream_diff = mean_pairwise_difference(real_last), mean_pairwise_difference(dream_last)
-    print(f"{args.checkpoint}: {N} real starts, each action held {args.hold} steps (guidance {args.guidance})")
+    print(f"{args.checkpoint}: {N} real starts, each action held {args.hold} steps (guidance {args.guidance}, "
+          f"temperature {args.temperature})")
     print("last frames apart, grey levels per pixel (real / dream):")
     for a, b in itertools.combinations(range(A), 2):
         print(f"  {meanings[a]:>12} vs {meanings[b]:<12} {real_diff[a, b]:6.2f} / {dream_diff[a, b]:6.2f}")
@@ -186,6 +188,7 @@ def main() -> None:
                   f"risk over the hold / at its first step: real frames {real_mean:.2f} / {real_first:.2f}, dream "
                   f"{dream_mean:.2f} / {dream_first:.2f}; state-blind (each action's mean risk) {blind_first:.2f}")
     result = dict(checkpoint=str(args.checkpoint), starts=N, hold=args.hold, guidance=args.guidance,
+                  temperature=args.temperature,
                   actions=meanings, real_difference=real_diff.tolist(), dream_difference=dream_diff.tolist(),
                   events=events, real_event_rate={k: v.tolist() for k, v in real_rate.items()},
                   real_frames_event_risk=real_risk.mean(0).tolist(), dream_event_risk=dream_risk.mean(0).tolist(),

@@ -80,6 +80,8 @@ class AgentConfig:
     # over whole episodes, as DIAMOND and IRIS start imagination from real states of their replay buffer.
     # The first dreamed steps from a real mid-episode state (fireballs in flight) are the dream's most
     # faithful ones; from openings alone the agent meets such states only as dreamed drifting frames.
+    # (On Take Cover it bought nothing measurable: there the first dreamed frame is already state-blind,
+    # docs/takecover.md.)
     starts: list[str] | None = None
     start_count: int = 1024
 

@@ -15,7 +15,7 @@ def open_world(checkpoint, sampler: str, denoiser: str, context_frames: int | No
                observation: str = "frames", start_contexts=None):
     """Load a world and check the env options.
 
-    -> (model, start frames, start actions, real context frames a reset uses: all shipped ones by default).
+    -> (model, start frames, start actions, real context frames a reset uses: all of a context by default).
     The start frames are the world's shipped ones, or those of a `start_contexts` file (the same format).
     """
     if observation not in OBSERVATIONS:
@@ -27,10 +27,10 @@ def open_world(checkpoint, sampler: str, denoiser: str, context_frames: int | No
     model, frames, actions = load_world(checkpoint, pick_device(device))
     if start_contexts is not None:
         frames, actions = load_contexts(start_contexts, model)
-    shipped = frames.shape[1]
-    if context_frames is not None and not 1 <= context_frames <= shipped:
-        raise ValueError(f"context_frames must be in [1, {shipped}], got {context_frames}")
-    return model, frames, actions, context_frames or shipped
+    given = frames.shape[1]  # frames in each start context
+    if context_frames is not None and not 1 <= context_frames <= given:
+        raise ValueError(f"context_frames must be in [1, {given}], got {context_frames}")
+    return model, frames, actions, context_frames or given
 
 
 def observation_space(model, observation: str) -> spaces.Box:

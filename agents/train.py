@@ -13,7 +13,6 @@ a loadable agent, plus optimizer.safetensors + trainer.json to resume), swapped 
 
 import csv
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from worldflow.config import TrainConfig
 from worldflow.data import load_manifest
 from worldflow.envs.dreams import OBSERVATIONS
-from worldflow.pretrained import CONTEXTS, load_world
+from worldflow.pretrained import CONTEXTS, load_world, save_contexts
 from worldflow.world_model import SAMPLERS
 from worldflow.train import (checkpoint_dir_to_resume, has_checkpoint, load_optimizer, optimizer_tensors,
                              save_checkpoint_dir, start_contexts, trim_metrics)
@@ -133,15 +132,6 @@ def check_starts(cfg: AgentConfig, world) -> None:
                          f"trained on {world.env_id} {dict(world.env_kwargs)}: start from data of its own game")
 
 
-def draw_start_contexts(cfg: AgentConfig, world, file: Path) -> None:
-    """Write cfg.start_count real clips spread over cfg.starts' training episodes to `file`, atomically."""
-    frames, actions = start_contexts(cfg.starts, world.context_frames, TrainConfig().val_fraction,
-                                     count=cfg.start_count, split="train")
-    tmp = file.with_name(file.name + ".tmp")
-    save_file({"frames": frames.contiguous(), "actions": actions.long().contiguous()}, tmp)
-    os.replace(tmp, file)
-
-
 # agent.json keys from before events were generic -> today's
 LEGACY_CONFIG_KEYS = {"life_loss_penalty": "event_penalty", "life_loss_cost": "event_cost"}
 
@@ -203,7 +193,8 @@ def train_agent(cfg: AgentConfig, out, checkpoint=None, workers: int = 0, ray_ad
 
     contexts = out / CONTEXTS if cfg.starts else None
     if contexts is not None and not contexts.exists():  # drawn once: a resumed run starts from the same clips
-        draw_start_contexts(cfg, world, contexts)
+        save_contexts(out, *start_contexts(cfg.starts, world.context_frames, TrainConfig().val_fraction,
+                                           count=cfg.start_count, split="train"))
     # a resumed run continues the policy; its dreams restart from fresh seeds (the env state is not saved)
     pool = RolloutPool(spec, checkpoint, workers, cfg.envs_per_worker, cfg.horizon, cfg.seed + update, ray_address,
                        cfg.sample_termination, cfg.guidance, device, gpus_per_worker, cfg.sampler,

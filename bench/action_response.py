@@ -164,8 +164,9 @@ def main() -> None:
     probe = make_env(cfg.env_id, cfg.obs_key, **cfg.env_kwargs)
     variables = probe.variable_names()
     probe.close()
-    real_rate = {name: real_drops[..., variables.index(name.removesuffix("_drop"))].mean(0)
-                 if name.endswith("_drop") and name.removesuffix("_drop") in variables else np.full(A, np.nan)
+    replayed = {name: variables.index(name.removesuffix("_drop")) for name in events
+                if name.endswith("_drop") and name.removesuffix("_drop") in variables}  # event -> its variable
+    real_rate = {name: real_drops[..., replayed[name]].mean(0) if name in replayed else np.full(A, np.nan)
                  for name in events}
     print("event within the hold: real rate / heads' mean risk on the real frames / on the dream's")
     for e, name in enumerate(events):
@@ -174,8 +175,8 @@ def main() -> None:
                                         f"{dream_risk[:, a, e].mean():.2f}" for a in range(A)))
     agreement = {}
     for e, name in enumerate(events):
-        if name.endswith("_drop") and name.removesuffix("_drop") in variables:
-            outcome = real_drops[..., variables.index(name.removesuffix("_drop"))] > 0  # (N, A)
+        if name in replayed:
+            outcome = real_drops[..., replayed[name]] > 0  # (N, A)
             # over the hold (the frames may show the hit) and at its first step (a prediction, what an agent decides on)
             # state-blind: each action's mean risk at every start (what ranking the actions on average earns)
             blind = np.broadcast_to(real_steps[:, :, 0, e].mean(0), outcome.shape)

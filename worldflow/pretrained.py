@@ -9,6 +9,7 @@ quarter of the tokens, for batched dreaming) and "takecover" (ViZDoom Take Cover
 argument may name one of them instead of a path.
 """
 
+import os
 from pathlib import Path
 
 import torch
@@ -37,7 +38,11 @@ def resolve_world(path=None) -> Path:
 
 
 def save_contexts(directory, frames: torch.Tensor, actions: torch.Tensor) -> None:
-    save_file({"frames": frames.contiguous(), "actions": actions.long().contiguous()}, Path(directory) / CONTEXTS)
+    """Write directory/start_contexts.safetensors atomically (a temp file, then a rename)."""
+    file = Path(directory) / CONTEXTS
+    tmp = file.with_name(file.name + ".tmp")
+    save_file({"frames": frames.contiguous(), "actions": actions.long().contiguous()}, tmp)
+    os.replace(tmp, file)
 
 
 def load_contexts(file, model) -> tuple[torch.Tensor, torch.Tensor]:
